@@ -1,0 +1,117 @@
+"""Affine quantization as pure tensor math (no modules, no state).
+
+q = clamp(round(x / s) + z, qmin, qmax),  x̂ = s · (q − z)     (Jacob et al. 2018, eq. 1)
+
+Quantization parameters have the "slot" shape of a spec: the tensor's shape with its last dimension replaced
+by the number of (s, z) pairs along it (``tensor``: all ones; ``channel``/``token``: last dim 1; ``group``:
+last dim ⌈features / group_size⌉). ``slots`` exposes the elements that share one pair as the last dimension, so
+every observer is one reduction over ``dim=-1``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ptq.spec import QuantSpec
+
+EPS = 1e-8
+
+
+def slots(x: torch.Tensor, spec: QuantSpec, pad: float | None = None) -> torch.Tensor:
+    """View ``x`` as [..., n_slots, slot_len]: the elements sharing one (s, z) pair lie along the last dim.
+
+    A ragged last group is padded to full length, by repeating its last element (which leaves min, max and
+    the percentiles' support unchanged) or with ``pad`` when given (use 0 for masks).
+    """
+    if spec.granularity == "tensor":
+        return x.reshape(*([1] * (x.dim() - 1)), 1, -1)
+    if spec.granularity in ("channel", "token"):
+        return x.unsqueeze(-2)
+    features, size = x.shape[-1], spec.group_size
+    missing = spec.n_groups(features) * size - features
+    if missing:
+        if pad is None:
+            filler = x[..., -1:].expand(*x.shape[:-1], missing)
+        else:
+            filler = x.new_full((*x.shape[:-1], missing), pad)
+        x = torch.cat([x, filler], dim=-1)
+    return x.reshape(*x.shape[:-1], -1, size)
+
+
+def expand(param: torch.Tensor, spec: QuantSpec, features: int) -> torch.Tensor:
+    """Broadcast slot-shaped ``param`` back to elements (a ragged last group is cut to length)."""
+    if spec.granularity != "group":
+        return param
+    return param.repeat_interleave(spec.group_size, dim=-1)[..., :features]
+
+
+def qparams_from_range(xmin: torch.Tensor, xmax: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale and zero point that map [xmin, xmax] onto the spec's integers.
+
+    The range is widened to include 0, so that 0 is exactly representable (padding, ReLU zeros).
+    Symmetric: s = max|x| / qmax, z = 0. Asymmetric: s = (max − min) / (qmax − qmin), z = qmin − round(min / s).
+    """
+    xmin = torch.minimum(xmin.float(), torch.zeros_like(xmin, dtype=torch.float32))
+    xmax = torch.maximum(xmax.float(), torch.zeros_like(xmax, dtype=torch.float32))
+    if spec.symmetric:
+        scale = torch.maximum(xmax, -xmin).clamp_min(EPS) / spec.qmax
+        return scale, torch.zeros_like(scale)
+    scale = (xmax - xmin).clamp_min(EPS) / (spec.qmax - spec.qmin)
+    zero = (spec.qmin - torch.round(xmin / scale)).clamp(spec.qmin, spec.qmax)
+    return scale, zero
+
+
+def quantize(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+    """Integers (as float32, exact for ≤ 8 bits) for ``x`` under slot-shaped ``scale`` and ``zero``."""
+    features = x.shape[-1]
+    s, z = expand(scale, spec, features), expand(zero, spec, features)
+    return torch.clamp(torch.round(x.float() / s) + z, spec.qmin, spec.qmax)
+
+
+def dequantize(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+    """Real values s · (q − z) of integers ``q``."""
+    features = q.shape[-1]
+    return expand(scale, spec, features) * (q.float() - expand(zero, spec, features))
+
+
+def fake_quantize(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+    """dequantize(quantize(x)) in ``x``'s dtype: the value a quantized tensor stands for."""
+    return dequantize(quantize(x, scale, zero, spec), scale, zero, spec).to(x.dtype)
+
+
+def minmax_qparams(x: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale and zero point from the min and max of each slot of ``x`` (dynamic, e.g. per token)."""
+    view = slots(x, spec)
+    return qparams_from_range(view.amin(dim=-1), view.amax(dim=-1), spec)
+
+
+def quantize_dynamic(x: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+    """Fake-quantize ``x`` with min/max qparams computed from ``x`` itself (per-token activations)."""
+    scale, zero = minmax_qparams(x, spec)
+    return fake_quantize(x, scale, zero, spec)
+
+
+def pack_int4(q: torch.Tensor) -> torch.Tensor:
+    """Pack unsigned 4-bit integers [..., K] (K a multiple of 8) into int32 [..., K / 8].
+
+    Element 8·j + i lands in bits 4·i … 4·i + 3 of word j (little-nibble first).
+    """
+    if q.shape[-1] % 8:
+        raise ValueError(f"pack_int4 needs a last dimension divisible by 8, got {q.shape[-1]}")
+    nibbles = q.to(torch.int32).reshape(*q.shape[:-1], -1, 8) & 0xF
+    shifts = torch.arange(0, 32, 4, dtype=torch.int32, device=q.device)
+    return (nibbles << shifts).sum(dim=-1, dtype=torch.int32)
+
+
+def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
+    """Inverse of ``pack_int4``: int32 [..., K / 8] → unsigned 4-bit integers (uint8) [..., K]."""
+    shifts = torch.arange(0, 32, 4, dtype=torch.int32, device=packed.device)
+    nibbles = (packed.unsqueeze(-1) >> shifts) & 0xF
+    return nibbles.reshape(*packed.shape[:-1], -1).to(torch.uint8)
+
+
+def pad_to_multiple(x: torch.Tensor, multiple: int) -> torch.Tensor:
+    """Zero-pad the last dimension of ``x`` up to a multiple of ``multiple``."""
+    missing = -x.shape[-1] % multiple
+    return F.pad(x, (0, missing)) if missing else x

@@ -1,0 +1,183 @@
+"""The block-by-block calibration runner.
+
+GPTQ (Frantar et al. 2022, §4 "Step 3") and AWQ calibrate one decoder block at a time: the inputs of the first
+block are captured once; for each block, the transforms observe what they need (Hessians, activation
+statistics), change the block, and the block's outputs — computed with the *quantized* block, so that later
+blocks see the errors of earlier ones — become the next block's inputs. Only the current block lives on the
+compute device. Modules are found by forward hooks, never by tracing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, suppress
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ptq.models.mappings import Mapping, blocks_of
+
+
+class _Captured(Exception):
+    """Raised inside the first block to stop the forward pass once its inputs are recorded."""
+
+
+@dataclass
+class BlockContext:
+    """What a transform sees of one block: the block, its calibration inputs and how to run it."""
+
+    block: nn.Module
+    index: int
+    prefix: str
+    mapping: Mapping
+    inputs: list[torch.Tensor]
+    kwargs: list[dict[str, Any]]
+    device: torch.device
+    logs: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def qualified(self, name: str) -> str:
+        return f"{self.prefix}.{name}"
+
+    def module(self, name: str) -> nn.Module:
+        return self.block.get_submodule(name)
+
+    @torch.no_grad()
+    def outputs(self) -> list[torch.Tensor]:
+        return [_first(self.block(x, **kw)) for x, kw in zip(self.inputs, self.kwargs, strict=False)]
+
+    @torch.no_grad()
+    def stream(self, observers: dict[str, Callable[[torch.Tensor], None]]) -> None:
+        """Run the block on all inputs, calling ``observers[name](x)`` with each input of module ``name``."""
+        self._run({name: _main_input_to(fn) for name, fn in observers.items()})
+
+    @torch.no_grad()
+    def capture(self, names: list[str]) -> dict[str, list[tuple[tuple, dict]]]:
+        """Run the block on all inputs and keep each (args, kwargs) that modules ``names`` receive."""
+        seen: dict[str, list[tuple[tuple, dict]]] = {name: [] for name in names}
+        self._run({name: _recorder(seen[name]) for name in names})
+        return seen
+
+    def _run(self, hooks: dict[str, Callable[[tuple, dict], None]]) -> None:
+        with _input_hooks(self.block, hooks):
+            for x, kw in zip(self.inputs, self.kwargs, strict=False):
+                self.block(x, **kw)
+
+
+def main_input(args: tuple, kwargs: dict) -> torch.Tensor:
+    """The hidden-states argument of a module call, positional or keyword."""
+    return args[0] if args else kwargs["hidden_states"]
+
+
+def _main_input_to(fn: Callable[[torch.Tensor], None]) -> Callable[[tuple, dict], None]:
+    return lambda args, kwargs: fn(main_input(args, kwargs))
+
+
+def _recorder(store: list) -> Callable[[tuple, dict], None]:
+    return lambda args, kwargs: store.append((args, kwargs))
+
+
+@contextmanager
+def _input_hooks(block: nn.Module, hooks: dict[str, Callable[[tuple, dict], None]]) -> Iterator[None]:
+    handles = [
+        block.get_submodule(name).register_forward_pre_hook(_ignoring_module(fn), with_kwargs=True)
+        for name, fn in hooks.items()
+    ]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def _ignoring_module(fn: Callable[[tuple, dict], None]) -> Callable[[nn.Module, tuple, dict], None]:
+    return lambda module, args, kwargs: fn(args, kwargs)
+
+
+def _first(output: Any) -> torch.Tensor:
+    return output[0] if isinstance(output, (tuple, list)) else output
+
+
+class Transform(Protocol):
+    """A calibration step applied to each block in turn (see ``ptq.transforms``)."""
+
+    name: str
+
+    def apply(self, ctx: BlockContext) -> None: ...
+
+
+@torch.no_grad()
+def capture_first_block_inputs(model: nn.Module, mapping: Mapping, samples: torch.Tensor, batch_size: int,
+                               device: torch.device) -> tuple[list[torch.Tensor], list[dict[str, Any]]]:
+    """Run the model up to its first block and record the block's hidden states and keyword arguments."""
+    blocks = blocks_of(model, mapping)
+    inputs: list[torch.Tensor] = []
+    kwargs: list[dict[str, Any]] = []
+
+    def record(module: nn.Module, args: tuple, kw: dict) -> None:
+        hidden = args[0] if args else kw.pop("hidden_states")
+        inputs.append(hidden)
+        kwargs.append({k: v for k, v in kw.items() if k not in ("past_key_value", "past_key_values")})
+        raise _Captured
+
+    handle = blocks[0].register_forward_pre_hook(record, with_kwargs=True)
+    _move_outside_blocks(model, blocks, device)
+    try:
+        for batch in samples.split(batch_size):
+            with suppress(_Captured):
+                model(batch.to(device), use_cache=False)
+    finally:
+        handle.remove()
+        _move_outside_blocks(model, blocks, torch.device("cpu"))
+    return inputs, kwargs
+
+
+def _move_outside_blocks(model: nn.Module, blocks: nn.ModuleList, device: torch.device) -> None:
+    """Move every parameter and buffer that is not inside a decoder block (embeddings, final norm, rotary)."""
+    inside = {id(t) for t in list(blocks.parameters()) + list(blocks.buffers())}
+    for module in model.modules():
+        for param in module.parameters(recurse=False):
+            if id(param) not in inside:
+                param.data = param.data.to(device)
+        for name, buf in module.named_buffers(recurse=False):
+            if id(buf) not in inside:
+                module._buffers[name] = buf.to(device)
+
+
+def _to(value: Any, device: torch.device) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.to(device)
+    if isinstance(value, (tuple, list)):
+        return type(value)(_to(v, device) for v in value)
+    return value
+
+
+@torch.no_grad()
+def calibrate(model: nn.Module, mapping: Mapping, samples: torch.Tensor, transforms: list[Transform],
+              device: str | torch.device = "cpu", batch_size: int = 8, propagate: str = "quantized",
+              progress: bool = True) -> dict[str, dict[str, Any]]:
+    """Apply ``transforms`` to every block of ``model`` in order; return per-layer logs keyed by module name.
+
+    ``propagate="quantized"`` hands the quantized block's outputs to the next block (GPTQ, AWQ);
+    ``propagate="fp"`` hands on the full-precision outputs instead.
+    """
+    if propagate not in ("quantized", "fp"):
+        raise ValueError(f"calibration.propagate={propagate!r}: allowed are quantized, fp")
+    device = torch.device(device)
+    model.config.use_cache = False
+    inputs, kwargs = capture_first_block_inputs(model, mapping, samples, batch_size, device)
+    blocks = blocks_of(model, mapping)
+    logs: dict[str, dict[str, Any]] = {}
+    for index in tqdm(range(len(blocks)), desc="calibrate", disable=not progress):
+        block = blocks[index].to(device)
+        ctx = BlockContext(block, index, f"{mapping.blocks}.{index}", mapping, inputs, [_to(k, device) for k in kwargs],
+                           device)
+        fp_outputs = ctx.outputs() if propagate == "fp" else None
+        for transform in transforms:
+            transform.apply(ctx)
+        inputs = fp_outputs if fp_outputs is not None else ctx.outputs()
+        logs.update(ctx.logs)
+        blocks[index] = block.to("cpu")
+    return logs

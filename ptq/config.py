@@ -1,0 +1,167 @@
+"""The typed configuration tree (Hydra structured configs) and its validation.
+
+``register_configs`` puts the schema in Hydra's ConfigStore, so a value of the wrong type fails while the
+config is composed; ``validate`` checks ranges and names and builds the method's steps — all before a model
+is loaded — and raises ``ConfigError`` with one line naming the key, the value and what is allowed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, DictConfig, OmegaConf
+
+from ptq.data import DATASETS
+from ptq.models.loading import DTYPES
+from ptq.spec import MAX_BITS, MIN_BITS
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+DEVICES = ("auto", "cpu", "cuda")
+BACKENDS = ("fake", "torch", "triton")
+LOGGERS = ("wandb", "none")
+WANDB_MODES = ("offline", "online", "disabled")
+PROPAGATE = ("quantized", "fp")
+
+
+class ConfigError(ValueError):
+    """Bad input, reported as one line before any heavy work."""
+
+
+@dataclass
+class ModelConfig:
+    name: str = "smollm2-135m"
+    source: str = "smollm2-135m"
+    gguf_file: str | None = None
+    dtype: str = "float32"
+    random_init: dict[str, Any] | None = None
+
+
+@dataclass
+class DataConfig:
+    name: str = "pydoc"
+    path: str | None = None
+    n_samples: int = 64
+    seq_len: int = 512
+    batch_size: int = 8
+
+
+@dataclass
+class MethodConfig:
+    name: str = MISSING
+    steps: list[Any] = field(default_factory=list)
+    propagate: str = "quantized"
+
+
+@dataclass
+class EvalConfig:
+    seq_len: int = 512
+    max_windows: int | None = None
+    batch_size: int = 4
+    baseline: bool = True
+    cache_dir: str = "~/.cache/ptq/baselines"
+    tasks: list[str] = field(default_factory=list)
+    limit: float | None = None
+    num_fewshot: int | None = None
+
+
+@dataclass
+class LoggerConfig:
+    name: str = "wandb"
+    project: str = "ptq"
+    entity: str | None = None
+    mode: str = "offline"
+    group: str | None = None
+    tags: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Config:
+    bits: int = 4
+    group_size: int | None = 128
+    symmetric: bool = True
+    seed: int = 0
+    device: str = "auto"
+    backend: str = "fake"
+    progress: bool = True
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    method: MethodConfig = field(default_factory=MethodConfig)
+    observer: dict[str, Any] = field(default_factory=lambda: {"name": "minmax"})
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+
+
+def granularity_of(group_size: int | None) -> str:
+    """``group_size: null`` means one (scale, zero) per output channel."""
+    return "channel" if group_size is None else "group"
+
+
+def register_configs() -> None:
+    ConfigStore.instance().store(name="schema", node=Config)
+    OmegaConf.register_new_resolver("granularity", granularity_of, replace=True)
+
+
+def _choice(key: str, value: Any, allowed: tuple[str, ...] | list[str]) -> None:
+    if value not in allowed:
+        raise ConfigError(f"{key}={value!r}: allowed are {', '.join(allowed)}")
+
+
+def _positive(key: str, value: Any, optional: bool = False) -> None:
+    if optional and value is None:
+        return
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ConfigError(f"{key}={value!r}: allowed is a positive integer" + (" or null" if optional else ""))
+
+
+def validate(cfg: DictConfig) -> list[Any]:
+    """Check every value that can be checked without loading a model; return the built method steps."""
+    from ptq.models.loading import ModelSourceError, check_available, resolve_source
+    from ptq.transforms import build_steps
+
+    if not isinstance(cfg.bits, int) or not MIN_BITS <= cfg.bits <= MAX_BITS:
+        raise ConfigError(f"bits={cfg.bits!r}: allowed are integers {MIN_BITS}..{MAX_BITS}")
+    _positive("group_size", cfg.group_size, optional=True)
+    _choice("device", cfg.device, DEVICES)
+    _choice("backend", cfg.backend, BACKENDS)
+    _choice("model.dtype", cfg.model.dtype, tuple(DTYPES))
+    _choice("data.name", cfg.data.name, tuple(DATASETS))
+    for key in ("n_samples", "seq_len", "batch_size"):
+        _positive(f"data.{key}", cfg.data[key])
+    for key in ("seq_len", "batch_size"):
+        _positive(f"eval.{key}", cfg.eval[key])
+    _positive("eval.max_windows", cfg.eval.max_windows, optional=True)
+    _choice("method.propagate", cfg.method.propagate, PROPAGATE)
+    _choice("logger.name", cfg.logger.name, LOGGERS)
+    _choice("logger.mode", cfg.logger.mode, WANDB_MODES)
+    if cfg.data.name == "text" and not (cfg.data.path and Path(cfg.data.path).expanduser().is_file()):
+        raise ConfigError(f"data.path={cfg.data.path!r}: data=text needs an existing text file")
+    if cfg.model.random_init is None:
+        try:
+            check_available(resolve_source(cfg.model.source, cfg.model.gguf_file))
+        except ModelSourceError as error:
+            raise ConfigError(str(error)) from None
+    try:
+        steps = OmegaConf.to_container(cfg.method.steps, resolve=True)
+        return build_steps(steps, OmegaConf.to_container(cfg.observer, resolve=True))
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
+
+
+def group_options(group: str) -> list[str]:
+    return sorted(p.stem for p in (CONFIG_DIR / group).glob("*.yaml"))
+
+
+def check_group_overrides(arguments: list[str]) -> None:
+    """Reject ``group=value`` overrides that name no config file, in one line (Hydra's own error is long)."""
+    groups = {p.name for p in CONFIG_DIR.iterdir() if p.is_dir() and p.name != "hydra"}
+    for argument in arguments:
+        key, sep, value = argument.lstrip("+~").partition("=")
+        if not sep or key not in groups:
+            continue
+        allowed = group_options(key)
+        for choice in value.split(","):
+            if choice and choice not in allowed and choice != "null":
+                raise ConfigError(f"{key}={choice!r}: allowed are {', '.join(allowed)}")

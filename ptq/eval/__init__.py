@@ -1,0 +1,1 @@
+"""Evaluation: perplexity on strided windows, task accuracy through lm-eval."""

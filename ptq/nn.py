@@ -1,0 +1,83 @@
+"""Quantized modules for research: a Linear with fake-quantized weights and (optionally) activations.
+
+``FakeQuantLinear`` keeps the dequantized weight Ŵ = s · (q − z) in floating point, so it runs on any device
+and any backend; it also keeps the integer grid (``weight_scale``, ``weight_zero``, ``weight_spec``,
+``g_idx``) so that ``ptq.packed.convert`` can turn it into packed integer storage for the kernels.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ptq.affine import fake_quantize, minmax_qparams
+from ptq.spec import QuantSpec
+
+
+class ActivationQuantizer(nn.Module):
+    """Fake-quantizes a Linear's input: per-token dynamic (qparams from each row) or static (fixed qparams)."""
+
+    def __init__(self, spec: QuantSpec, scale: torch.Tensor | None = None, zero: torch.Tensor | None = None) -> None:
+        super().__init__()
+        if spec.granularity not in ("token", "tensor"):
+            raise ValueError(f"activations.granularity={spec.granularity!r}: allowed are token, tensor")
+        self.spec = spec
+        self.dynamic = scale is None
+        self.register_buffer("scale", scale)
+        self.register_buffer("zero", zero)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.dynamic:
+            scale, zero = minmax_qparams(x, self.spec)
+        else:
+            scale, zero = self.scale, self.zero
+        return fake_quantize(x, scale, zero, self.spec)
+
+    def extra_repr(self) -> str:
+        kind = "dynamic" if self.dynamic else "static"
+        return f"int{self.spec.bits} {self.spec.granularity} {kind} symmetric={self.spec.symmetric}"
+
+
+class FakeQuantLinear(nn.Module):
+    """y = Q_a(x) Ŵᵀ + b with Ŵ the dequantized weight on the integer grid (weight_scale, weight_zero, g_idx).
+
+    ``g_idx[j]`` is the group of input column j (not monotone after GPTQ's act-order without static groups).
+    """
+
+    def __init__(self, linear: nn.Linear, weight: torch.Tensor, spec: QuantSpec, scale: torch.Tensor,
+                 zero: torch.Tensor, g_idx: torch.Tensor | None = None,
+                 input_quantizer: ActivationQuantizer | None = None) -> None:
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.weight = nn.Parameter(weight.to(linear.weight.dtype), requires_grad=False)
+        self.bias = linear.bias
+        self.weight_spec = spec
+        self.register_buffer("weight_scale", scale)
+        self.register_buffer("weight_zero", zero)
+        self.register_buffer("g_idx", g_idx)
+        self.input_quantizer = input_quantizer
+
+    @property
+    def input_spec(self) -> QuantSpec | None:
+        return self.input_quantizer.spec if self.input_quantizer is not None else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.input_quantizer is not None:
+            x = self.input_quantizer(x)
+        return F.linear(x, self.weight, self.bias)
+
+    def extra_repr(self) -> str:
+        s = self.weight_spec
+        group = f" g{s.group_size}" if s.granularity == "group" else f" {s.granularity}"
+        return f"{self.in_features}, {self.out_features}, w{s.bits}{group} symmetric={s.symmetric}"
+
+
+def set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(root.get_submodule(parent_name) if parent_name else root, child, module)
+
+
+def linear_weight(module: nn.Module) -> torch.Tensor:
+    """The [out, in] weight of a Linear (or of a FakeQuantLinear being re-quantized)."""
+    return module.weight.data

@@ -1,0 +1,33 @@
+"""The end-of-run summary table (plain text, for the terminal)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def _fmt(value: Any) -> str:
+    if value is None:
+        return "—"
+    if isinstance(value, float):
+        return f"{value:.4g}" if abs(value) < 1e4 else f"{value:.0f}"
+    return str(value)
+
+
+def summary_table(results: dict[str, Any]) -> str:
+    """Baseline vs quantized: every metric, bits per weight, size, and time per stage."""
+    metrics = results["metrics"]
+    rows: list[tuple[str, Any, Any]] = []
+    names = sorted({name for stage in metrics.values() for name in stage})
+    for name in names:
+        rows.append((name, metrics["baseline"].get(name), metrics["quantized"].get(name)))
+    size = results["size"]
+    rows.append(("bits per weight", 16.0, size["bits_per_weight"]))
+    rows.append(("size (MB)", size["fp16_mb"], size["quantized_mb"]))
+    width = max(len(r[0]) for r in rows) + 2
+    cached = " (cached)" if results.get("baseline_from_cache") else ""
+    lines = [f"ptq · {results['method']} · {results['eval_windows']} eval windows",
+             f"{'':<{width}}{'baseline' + cached:>18}{'quantized':>14}"]
+    lines += [f"{name:<{width}}{_fmt(b):>18}{_fmt(q):>14}" for name, b, q in rows]
+    times = " · ".join(f"{stage} {seconds:.1f}s" for stage, seconds in results["timings_s"].items())
+    lines.append(f"time: {times}")
+    return "\n".join(lines)

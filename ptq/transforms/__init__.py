@@ -1,0 +1,65 @@
+"""Calibration algorithms, one file each, and the registry that builds a method's steps from config.
+
+A method is a list of steps run block by block (``ptq.calibrate``): rescalers first (SmoothQuant, AWQ), then one
+quantizer (RTN, GPTQ). Each step is a dict: ``name`` plus the algorithm's options; ``weight`` and
+``activations`` hold QuantSpec fields.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from ptq.calibrate import Transform
+from ptq.spec import QuantSpec
+from ptq.transforms.gptq import GPTQ
+from ptq.transforms.rtn import RTN
+
+TRANSFORMS: dict[str, Callable[..., Transform]] = {"rtn": RTN, "gptq": GPTQ}
+
+OBSERVER_KEY = "name"
+
+
+def _spec(fields: dict[str, Any], key: str) -> QuantSpec:
+    allowed = {"bits", "symmetric", "granularity", "group_size"}
+    unknown = set(fields) - allowed
+    if unknown:
+        raise ValueError(f"{key}.{sorted(unknown)[0]}: unknown key; allowed are {', '.join(sorted(allowed))}")
+    try:
+        return QuantSpec(**fields)
+    except ValueError as error:
+        raise ValueError(f"{key}.{error}") from None
+
+
+def build_step(step: dict[str, Any], observer: dict[str, Any], index: int) -> Transform:
+    """One transform from its config dict; the weight observer defaults to the run's ``observer`` group."""
+    step = dict(step)
+    name = step.pop("name", None)
+    key = f"method.steps[{index}]"
+    if name not in TRANSFORMS:
+        raise ValueError(f"{key}.name={name!r}: allowed are {', '.join(TRANSFORMS)}")
+    if "weight" in step:
+        step["weight"] = _spec(dict(step["weight"]), f"{key}.weight")
+    activations = step.pop("activations", None)
+    if activations:
+        activations = dict(activations)
+        act_observer = activations.pop("observer", None)
+        step["activations"] = _spec(activations, f"{key}.activations")
+        if act_observer:
+            act_observer = dict(act_observer)
+            step["act_observer"] = act_observer.pop(OBSERVER_KEY)
+            step["act_observer_options"] = act_observer
+    if "weight" in step and "observer" not in step:
+        options = dict(observer)
+        step["observer"] = options.pop(OBSERVER_KEY)
+        step["observer_options"] = options
+    try:
+        return TRANSFORMS[name](**step)
+    except TypeError as error:
+        raise ValueError(f"{key} ({name}): {error}") from None
+
+
+def build_steps(steps: list[dict[str, Any]], observer: dict[str, Any]) -> list[Transform]:
+    if not steps:
+        raise ValueError("method.steps=[]: a method needs at least one step")
+    return [build_step(step, observer, i) for i, step in enumerate(steps)]

@@ -1,0 +1,298 @@
+"""GPTQ: one-shot weight quantization with second-order error compensation.
+
+Frantar, Ashkboos, Hoefler, Alistarh 2022, "GPTQ: Accurate Post-Training Quantization for Generative
+Pre-trained Transformers", Algorithm 1. For a linear layer with weight W [out, in] and calibration inputs X
+[tokens, in], GPTQ minimises the layer's output error (eq. 1)
+
+    argmin_Ŵ ‖X Wᵀ − X Ŵᵀ‖²,   whose Hessian (per output row) is H = 2 Xᵀ X
+
+by quantizing W one input column at a time and spreading each column's rounding error over the columns not yet
+quantized with the Optimal Brain Surgeon update (eq. 2): δ = −(w_q − quant(w_q)) / [H⁻¹]_qq · (H⁻¹)_{:,q}.
+The three steps of §3 map onto ``gptq_quantize``:
+
+- Step 1, arbitrary order: every row uses the same column order (input order, or descending diag(H) with
+  ``act_order``), so H⁻¹ is shared by all rows;
+- Step 2, lazy batch updates: inside a block of ``block_size`` columns errors are propagated column by column;
+  the columns after the block receive the whole block's errors in one matrix product;
+- Step 3, Cholesky reformulation: the rows of H⁻¹ that the sequential elimination needs are the rows of the
+  upper Cholesky factor U of H⁻¹ = Uᵀ U (computed once, after dampening H by λ·I).
+
+Only tensors go in and out (no modules, no hooks): ``HessianAccumulator`` collects H from a layer's inputs,
+``gptq_quantize`` turns (W, H) into integers, quantization parameters and the dequantized weight.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+
+import torch
+
+from ptq.affine import dequantize, quantize
+from ptq.calibrate import BlockContext
+from ptq.observers import Qparams, build_observer
+from ptq.spec import QuantSpec
+from ptq.transforms.base import QuantizedWeight, Quantizer
+
+DAMP_RETRIES = 5
+
+
+class HessianAccumulator:
+    """Running H = 2/n Σ_t x_t x_tᵀ over the n tokens seen so far (the Hessian of eq. 1, averaged over tokens).
+
+    Each batch of m tokens rescales the old mean by n / (n + m) and adds the batch scaled by 2 / (n + m), so the
+    sum never grows with n (the reference's ``add_batch``).
+    """
+
+    def __init__(self, features: int, dtype: torch.dtype = torch.float32, device: torch.device | str | None = None):
+        self.features = features
+        self._hessian = torch.zeros(features, features, dtype=dtype, device=device)
+        self._tokens = 0
+
+    def add(self, x: torch.Tensor) -> None:
+        """Accumulate inputs ``x`` of shape [..., features]; every leading index is one token."""
+        if x.shape[-1] != self.features:
+            raise ValueError(f"inputs have {x.shape[-1]} features, the accumulator expects {self.features}")
+        x = x.detach().reshape(-1, self.features).to(self._hessian)
+        m = x.shape[0]
+        if m == 0:
+            return
+        n = self._tokens
+        self._hessian *= n / (n + m)
+        x = x * math.sqrt(2.0 / (n + m))
+        self._hessian += x.T @ x
+        self._tokens = n + m
+
+    @property
+    def hessian(self) -> torch.Tensor:
+        """The current H [features, features] (the accumulator's own tensor, not a copy)."""
+        return self._hessian
+
+    @property
+    def tokens(self) -> int:
+        """How many tokens (rows of the flattened inputs) have been added."""
+        return self._tokens
+
+
+@dataclass
+class GPTQResult:
+    """What GPTQ decided for one weight [out, in]; every tensor is in the weight's original column order.
+
+    ``scale`` and ``zero`` hold one column per group: [out, n_groups] for group granularity, [out, 1] for
+    channel, [1, 1] for tensor. ``g_idx[j]`` is the group of input column j, and the weight dequantizes as
+
+        weight[:, j] = scale[:, g_idx[j]] * (q[:, j] − zero[:, g_idx[j]])
+
+    i.e. ``weight == scale[:, g_idx] * (q - zero[:, g_idx])`` (g_idx is all zeros for channel and tensor).
+    Without act_order, or with static groups, g_idx[j] = j // group_size (the layout of ``ptq.affine``). With
+    act_order and dynamic groups, groups are consecutive columns in the processing order, so g_idx is not
+    monotone and the scales must be gathered through g_idx.
+    """
+
+    weight: torch.Tensor  # dequantized Ŵ, float32 [out, in]
+    scale: torch.Tensor  # float32 [out, n_groups] (or [out, 1], [1, 1])
+    zero: torch.Tensor  # float32, same shape as scale (integer valued; 0 when symmetric)
+    g_idx: torch.Tensor  # int64 [in]
+    q: torch.Tensor  # integers in [qmin, qmax] as float32 (as ``ptq.affine.quantize``), [out, in]
+    loss: float  # ½ Σ (w − quant(w))² / U_qq² over all weights: the summed OBS error increments
+    damp: float  # λ added to diag(H), after any retries
+
+
+def gptq_quantize(
+    weight: torch.Tensor,
+    hessian: torch.Tensor,
+    spec: QuantSpec,
+    observer: str = "minmax",
+    observer_options: dict | None = None,
+    block_size: int = 128,
+    damp_percent: float = 0.01,
+    act_order: bool = False,
+    static_groups: bool = False,
+) -> GPTQResult:
+    """Quantize ``weight`` [out, in] column by column, compensating each column's error (Algorithm 1).
+
+    Quantization parameters come from the ``observer`` (``ptq.observers``) applied to: the whole weight, once,
+    for ``channel``/``tensor`` granularity; for ``group`` granularity, the slice of the next ``group_size``
+    columns in processing order each time a column starts a group, taken from the weights as updated by every
+    error compensation so far (a ragged last group is the shorter slice). The reference reads that slice from
+    W without the in-block updates that are still pending; here they are applied first, so the result does not
+    depend on ``block_size``. ``static_groups`` computes every group's parameters up front from the original
+    weight in original column order (so act_order does not change the grouping).
+
+    ``hessian`` is H = 2/n Xᵀ X of the layer's inputs (``HessianAccumulator``); it is not modified. Columns with
+    diag(H) = 0 never see input: they get H_ii = 1 and weight 0. Dampening adds λ = damp_percent · mean(diag H)
+    to the diagonal; if H + λI is still not positive definite, λ is multiplied by 10 up to ``DAMP_RETRIES`` times.
+    Work runs on ``weight``'s device in float32 (float64 when ``weight`` or ``hessian`` is float64).
+    """
+    if weight.dim() != 2:
+        raise ValueError(f"weight must be 2-D [out, in], got shape {tuple(weight.shape)}")
+    columns = weight.shape[1]
+    if hessian.shape != (columns, columns):
+        raise ValueError(f"hessian must be [{columns}, {columns}] to match the weight, got {tuple(hessian.shape)}")
+    if spec.granularity == "token":
+        raise ValueError("granularity='token' is for activations; GPTQ quantizes weights: use tensor, channel or group")
+    if block_size < 1:
+        raise ValueError(f"block_size={block_size!r}: allowed is an integer >= 1")
+    if damp_percent < 0:
+        raise ValueError(f"damp_percent={damp_percent!r}: allowed is a number >= 0")
+
+    dtype = torch.float64 if torch.float64 in (weight.dtype, hessian.dtype) else torch.float32
+    W = weight.detach().to(dtype=dtype).clone()
+    H = hessian.detach().to(device=W.device, dtype=dtype).clone()
+    grouped = spec.granularity == "group"
+    group_size = spec.group_size if grouped else columns
+    # Parameters of one group (or of the whole weight) as slot shape [out, 1], or [1, 1] for tensor granularity.
+    slice_spec = spec if spec.granularity == "tensor" else replace(spec, granularity="channel")
+
+    def observe(x: torch.Tensor) -> Qparams:
+        return build_observer(observer, slice_spec, **(observer_options or {}))(x)
+
+    dead = torch.diag(H) == 0
+    H[dead, dead] = 1
+    W[:, dead] = 0
+
+    # (scale, zero) of each group in group order; dynamic groups are appended as the loop reaches them.
+    params: list[Qparams] = []
+    if grouped and static_groups:
+        params = [observe(W[:, g : g + group_size]) for g in range(0, columns, group_size)]
+    elif not grouped:
+        params = [observe(W)]
+
+    perm = torch.argsort(torch.diag(H), descending=True) if act_order else torch.arange(columns, device=W.device)
+    W, H = W[:, perm], H[perm][:, perm]
+
+    Hinv, damp = damped_inverse_cholesky(H, damp_percent)
+
+    Q = torch.zeros_like(W)  # dequantized weights, processing order
+    Qint = torch.zeros_like(W)  # integers, processing order
+    losses = torch.zeros_like(W)
+    group_of = torch.zeros(columns, dtype=torch.long, device=W.device)  # group of each processed column
+
+    for i1 in range(0, columns, block_size):
+        i2 = min(i1 + block_size, columns)
+        W1 = W[:, i1:i2].clone()
+        Err1 = torch.zeros_like(W1)
+        Hinv1 = Hinv[i1:i2, i1:i2]
+
+        for i in range(i2 - i1):
+            col = i1 + i
+            if not grouped:
+                group = 0
+            elif static_groups:
+                group = int(perm[col]) // group_size
+            else:
+                group = col // group_size
+                if col % group_size == 0:
+                    stop = min(col + group_size, columns)
+                    params.append(observe(_updated_columns(W, W1, Err1, Hinv, i1, i, stop)))
+            scale, zero = params[group]
+            group_of[col] = group
+
+            w = W1[:, i : i + 1]
+            d = Hinv1[i, i]
+            q = quantize(w, scale, zero, slice_spec)
+            wq = dequantize(q, scale, zero, slice_spec).to(dtype)
+            Qint[:, col : col + 1], Q[:, col : col + 1] = q.to(dtype), wq
+            losses[:, col : col + 1] = (w - wq) ** 2 / d**2 / 2
+            err = (w - wq) / d
+            W1[:, i:] -= err @ Hinv1[i : i + 1, i:]
+            Err1[:, i : i + 1] = err
+
+        W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
+
+    invperm = torch.argsort(perm)
+    return GPTQResult(
+        weight=Q[:, invperm].float(),
+        scale=torch.cat([s for s, _ in params], dim=1),
+        zero=torch.cat([z for _, z in params], dim=1),
+        g_idx=group_of[invperm],
+        q=Qint[:, invperm].float(),
+        loss=float(losses.sum()),
+        damp=damp,
+    )
+
+
+def _updated_columns(
+    W: torch.Tensor, W1: torch.Tensor, Err1: torch.Tensor, Hinv: torch.Tensor, i1: int, i: int, stop: int
+) -> torch.Tensor:
+    """Columns [i1 + i, stop) with every error update so far, including the block's still-lazy ones.
+
+    Columns inside the current block are already up to date in ``W1``; columns after it still lack the
+    errors ``Err1[:, :i]`` of the block's first i columns, which are applied here without touching ``W``.
+    """
+    i2 = i1 + W1.shape[1]
+    inside = W1[:, i : stop - i1]
+    if stop <= i2:
+        return inside
+    pending = Err1[:, :i] @ Hinv[i1 : i1 + i, i2:stop]
+    return torch.cat([inside, W[:, i2:stop] - pending], dim=1)
+
+
+def damped_inverse_cholesky(hessian: torch.Tensor, damp_percent: float) -> tuple[torch.Tensor, float]:
+    """Upper Cholesky factor U of (H + λI)⁻¹ = Uᵀ U (§3, Step 3) and the λ used.
+
+    λ starts at damp_percent · mean(diag H) (1 % in the paper) and is multiplied by 10 (or set to 1 % of the
+    mean diagonal when it is 0) each time H + λI, or its inverse, fails a Cholesky factorization.
+    """
+    mean_diag = float(torch.diag(hessian).mean())
+    damp = damp_percent * mean_diag
+    eye = torch.eye(hessian.shape[0], dtype=hessian.dtype, device=hessian.device)
+    tried = []
+    for _ in range(DAMP_RETRIES + 1):
+        lower, info = torch.linalg.cholesky_ex(hessian + damp * eye)
+        if info == 0:
+            upper, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(lower), upper=True)
+            if info == 0 and bool(torch.isfinite(upper).all()):
+                return upper, damp
+        tried.append(damp)
+        damp = 10 * damp if damp > 0 else 0.01 * abs(mean_diag)
+    raise RuntimeError(
+        f"GPTQ: the Hessian is not positive definite even after damping with λ in {tried}; "
+        "check the calibration inputs for NaN/Inf, or raise damp_percent"
+    )
+
+
+@dataclass
+class GPTQ(Quantizer):
+    """The GPTQ step on the block-wise engine: accumulate each Linear's H from the block's calibration inputs,
+    solve, swap in the quantized Linear.
+
+    ``true_sequential`` quantizes the linears stage by stage in the order the block computes them (q,k,v → o →
+    gate,up → down), re-collecting inputs after each stage, as the reference implementation does.
+    """
+
+    name: str = "gptq"
+    block_size: int = 128
+    damp_percent: float = 0.01
+    act_order: bool = False
+    static_groups: bool = False
+    true_sequential: bool = False
+    hessian_dtype: str = "float32"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.hessian_dtype not in HESSIAN_DTYPES:
+            raise ValueError(f"hessian_dtype={self.hessian_dtype!r}: allowed are {', '.join(HESSIAN_DTYPES)}")
+        if self.block_size < 1:
+            raise ValueError(f"block_size={self.block_size!r}: allowed is a positive integer")
+        if not 0.0 <= self.damp_percent < 1.0:
+            raise ValueError(f"damp_percent={self.damp_percent!r}: allowed is 0 <= damp_percent < 1")
+
+    def linear_stages(self, ctx: BlockContext) -> list[list[str]]:
+        if self.true_sequential:
+            return [list(group.linears) for group in ctx.mapping.groups]
+        return [ctx.mapping.linear_names]
+
+    def observe(self, ctx: BlockContext, names: list[str]) -> dict[str, HessianAccumulator]:
+        dtype = HESSIAN_DTYPES[self.hessian_dtype]
+        hessians = {name: HessianAccumulator(ctx.module(name).in_features, dtype, ctx.device) for name in names}
+        ctx.stream({name: acc.add for name, acc in hessians.items()})
+        return hessians
+
+    def quantize_weight(self, name: str, weight: torch.Tensor, inputs: HessianAccumulator) -> QuantizedWeight:
+        result = gptq_quantize(weight, inputs.hessian, self.weight, self.observer, self.observer_options,
+                               self.block_size, self.damp_percent, self.act_order, self.static_groups)
+        return QuantizedWeight(result.weight, result.scale, result.zero, result.g_idx, result.loss)
+
+
+HESSIAN_DTYPES = {"float32": torch.float32, "float64": torch.float64}

@@ -1,0 +1,34 @@
+"""ptq's entry point: ``python run.py [group=option ...] [key=value ...]`` (see configs/config.yaml)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig
+
+from ptq.config import ConfigError, check_group_overrides, register_configs
+
+register_configs()
+
+
+@hydra.main(config_path="configs", config_name="config", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    from ptq.pipeline import run
+
+    try:
+        run(cfg, Path(HydraConfig.get().runtime.output_dir))
+    except ConfigError as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    try:
+        check_group_overrides(sys.argv[1:])
+    except ConfigError as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
+    main()

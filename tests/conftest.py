@@ -1,0 +1,32 @@
+"""Shared fixtures: the composed Hydra config for a tiny random Llama, and an isolated output directory."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig
+
+from ptq.config import CONFIG_DIR, register_configs
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("WANDB_SILENT", "true")
+register_configs()
+
+TINY = ["model=tiny-llama", "data.n_samples=8", "data.seq_len=64", "eval.max_windows=4", "progress=false"]
+
+
+def compose_config(overrides: list[str], tmp_path: Path) -> DictConfig:
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        return compose("config", overrides=[*overrides, f"eval.cache_dir={tmp_path / 'cache'}"])
+
+
+@pytest.fixture
+def tiny_config(tmp_path):
+    def make(*overrides: str) -> DictConfig:
+        return compose_config([*TINY, "logger=none", *overrides], tmp_path)
+
+    return make

@@ -1,0 +1,61 @@
+"""Bad input fails fast, in one line that names the key, the value and what is allowed — before any model loads."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from ptq.config import ConfigError, validate
+
+ROOT = Path(__file__).resolve().parent.parent
+
+BAD_OVERRIDES = [
+    (["bits=0"], "bits=0"),
+    (["bits=9"], "bits=9"),
+    (["group_size=0"], "group_size=0"),
+    (["method=nonsense"], "method='nonsense'"),
+    (["observer=nonsense"], "observer='nonsense'"),
+    (["model=nonsense"], "model='nonsense'"),
+    (["data=nonsense"], "data='nonsense'"),
+    (["observer=percentile", "observer.percentile=150"], "observer.percentile=150"),
+    (["model=hf", "model.source=/no/such/model/dir"], "model.source='/no/such/model/dir'"),
+    (["data=text", "data.path=/no/such/file.txt"], "data.path='/no/such/file.txt'"),
+    (["model=hf", "model.source=nobody-xyz/not-a-cached-model"], "model.source='nobody-xyz/not-a-cached-model'"),
+    (["device=tpu"], "device='tpu'"),
+]
+
+
+@pytest.mark.parametrize("overrides,needle", BAD_OVERRIDES, ids=lambda v: " ".join(v) if isinstance(v, list) else "")
+def test_bad_input_exits_with_one_line(overrides, needle, tmp_path):
+    start = time.monotonic()
+    proc = subprocess.run([sys.executable, str(ROOT / "run.py"), "logger=none", *overrides,
+                           f"hydra.run.dir={tmp_path}"], capture_output=True, text=True, timeout=60,
+                          env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"})
+    elapsed = time.monotonic() - start
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert proc.returncode != 0
+    assert len(lines) == 1, proc.stderr
+    assert needle in lines[0] and "allowed" in lines[0]
+    assert "Traceback" not in proc.stderr + proc.stdout
+    assert elapsed < 10, f"took {elapsed:.1f}s"
+    assert not (tmp_path / "results.json").exists()
+
+
+@pytest.mark.parametrize("override,needle", [
+    ("method.steps.0.weight.granularity=row", "granularity='row'"),
+    ("method.steps.0.name=unknown", "name='unknown'"),
+    ("data.n_samples=0", "data.n_samples=0"),
+    ("method.propagate=sideways", "method.propagate='sideways'"),
+])
+def test_validate_names_the_key(tiny_config, override, needle):
+    with pytest.raises(ConfigError, match=needle.replace("[", r"\[").replace(".", r"\.")):
+        validate(tiny_config(override))
+
+
+def test_group_size_null_means_per_channel(tiny_config):
+    (step,) = validate(tiny_config("group_size=null", "bits=8"))
+    assert step.weight.granularity == "channel" and step.weight.bits == 8
