@@ -9,7 +9,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from ptq.config import ConfigError, check_group_overrides, register_configs
+from ptq.config import ConfigError, preflight, register_configs
 
 register_configs()
 
@@ -27,7 +27,7 @@ def main(cfg: DictConfig) -> None:
 
 if __name__ == "__main__":
     try:
-        check_group_overrides(sys.argv[1:])
+        preflight(sys.argv[1:])
     except ConfigError as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)

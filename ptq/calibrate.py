@@ -19,6 +19,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ptq.models.mappings import Mapping, blocks_of
+from ptq.nn import as_linears
 
 
 class _Captured(Exception):
@@ -104,6 +105,7 @@ class Transform(Protocol):
     """A calibration step applied to each block in turn (see ``ptq.transforms``)."""
 
     name: str
+    needs_data: bool  # False when the step only looks at weights (RTN): the engine then skips all forward passes
 
     def apply(self, ctx: BlockContext) -> None: ...
 
@@ -167,17 +169,22 @@ def calibrate(model: nn.Module, mapping: Mapping, samples: torch.Tensor, transfo
         raise ValueError(f"calibration.propagate={propagate!r}: allowed are quantized, fp")
     device = torch.device(device)
     model.config.use_cache = False
-    inputs, kwargs = capture_first_block_inputs(model, mapping, samples, batch_size, device)
     blocks = blocks_of(model, mapping)
+    needs_data = any(getattr(t, "needs_data", True) for t in transforms)
+    inputs: list[torch.Tensor] = []
+    kwargs: list[dict[str, Any]] = []
+    if needs_data:
+        inputs, kwargs = capture_first_block_inputs(model, mapping, samples, batch_size, device)
     logs: dict[str, dict[str, Any]] = {}
     for index in tqdm(range(len(blocks)), desc="calibrate", disable=not progress):
-        block = blocks[index].to(device)
+        block = as_linears(blocks[index]).to(device)
         ctx = BlockContext(block, index, f"{mapping.blocks}.{index}", mapping, inputs, [_to(k, device) for k in kwargs],
                            device)
-        fp_outputs = ctx.outputs() if propagate == "fp" else None
+        fp_outputs = ctx.outputs() if propagate == "fp" and needs_data else None
         for transform in transforms:
             transform.apply(ctx)
-        inputs = fp_outputs if fp_outputs is not None else ctx.outputs()
+        if needs_data:
+            inputs = fp_outputs if fp_outputs is not None else ctx.outputs()
         logs.update(ctx.logs)
         blocks[index] = block.to("cpu")
     return logs

@@ -137,7 +137,7 @@ def validate(cfg: DictConfig) -> list[Any]:
     _choice("logger.name", cfg.logger.name, LOGGERS)
     _choice("logger.mode", cfg.logger.mode, WANDB_MODES)
     if cfg.data.name == "text" and not (cfg.data.path and Path(cfg.data.path).expanduser().is_file()):
-        raise ConfigError(f"data.path={cfg.data.path!r}: data=text needs an existing text file")
+        raise ConfigError(f"data.path={cfg.data.path!r}: no such file; allowed is an existing UTF-8 text file (data=text)")
     if cfg.model.random_init is None:
         try:
             check_available(resolve_source(cfg.model.source, cfg.model.gguf_file))
@@ -151,7 +151,38 @@ def validate(cfg: DictConfig) -> list[Any]:
 
 
 def group_options(group: str) -> list[str]:
-    return sorted(p.stem for p in (CONFIG_DIR / group).glob("*.yaml"))
+    folder = CONFIG_DIR / group
+    return sorted(str(p.relative_to(folder).with_suffix("")) for p in folder.rglob("*.yaml"))
+
+
+MULTIRUN_FLAGS = ("-m", "--multirun")
+
+
+def preflight(arguments: list[str]) -> None:
+    """Compose the config from the command line once, so that a bad override fails in one line.
+
+    Hydra reports composition errors over several lines; this turns them into ``ConfigError``. A multirun's
+    overrides are sweeps, which only Hydra expands: there, only config-group choices are checked up front.
+    """
+    check_group_overrides(arguments)
+    if any(a in MULTIRUN_FLAGS for a in arguments) or any(a.startswith("-") for a in arguments):
+        return
+    from hydra import compose, initialize_config_dir
+
+    try:
+        with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+            compose("config", overrides=[a for a in arguments if not a.startswith("hydra.")])
+    except Exception as error:  # noqa: BLE001 - every composition error becomes one line
+        raise ConfigError(_one_line(error)) from None
+
+
+def _one_line(error: BaseException) -> str:
+    """The innermost cause of a Hydra/OmegaConf error as "key: message" on one line."""
+    while error.__cause__ is not None:
+        error = error.__cause__
+    message = str(getattr(error, "msg", None) or error).strip().splitlines()[0]
+    key = getattr(error, "full_key", None)
+    return f"{key}: {message}" if key else message
 
 
 def check_group_overrides(arguments: list[str]) -> None:

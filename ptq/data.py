@@ -55,7 +55,7 @@ def _pydoc(tokenizer: Any, path: str | None) -> TokenSplit:
 
 def _text_file(tokenizer: Any, path: str | None) -> TokenSplit:
     if not path or not Path(path).expanduser().is_file():
-        raise DatasetError(f"data.path={path!r}: data=text needs an existing text file")
+        raise DatasetError(f"data.path={path!r}: no such file; allowed is an existing UTF-8 text file (data=text)")
     return split_tokens(tokenize(tokenizer, Path(path).expanduser().read_text(encoding="utf-8")))
 
 

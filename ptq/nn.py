@@ -10,9 +10,13 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers.pytorch_utils import Conv1D
 
 from ptq.affine import fake_quantize, minmax_qparams
 from ptq.spec import QuantSpec
+
+LINEAR_TYPES = (nn.Linear, Conv1D)
+"""Modules that compute x Wᵀ + b: nn.Linear, and GPT-2's Conv1D (same map, weight stored [in, out])."""
 
 
 class ActivationQuantizer(nn.Module):
@@ -81,3 +85,18 @@ def set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
 def linear_weight(module: nn.Module) -> torch.Tensor:
     """The [out, in] weight of a Linear (or of a FakeQuantLinear being re-quantized)."""
     return module.weight.data
+
+
+def as_linears(root: nn.Module) -> nn.Module:
+    """Replace every Conv1D inside ``root`` by the nn.Linear that computes the same map (weight transposed).
+
+    Every transform then sees [out, in] weights only. Returns ``root``.
+    """
+    for name, module in list(root.named_modules()):
+        if isinstance(module, Conv1D):
+            linear = nn.utils.skip_init(nn.Linear, module.nx, module.nf, device=module.weight.device,
+                                        dtype=module.weight.dtype)
+            linear.weight.data = module.weight.data.T.contiguous()
+            linear.bias.data = module.bias.data
+            set_submodule(root, name, linear)
+    return root

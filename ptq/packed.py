@@ -10,8 +10,8 @@ Three storage modes, chosen from the weight and activation specs:
 - ``w8a8``: 8-bit symmetric per-token activations with a symmetric per-channel (or per-tensor) weight of any
   width: ``qweight`` int8 [N, K], ``weight_scale`` fp32 [N], run as an int8 × int8 GEMM.
 
-Any other activation spec is emulated: x is fake-quantized (``affine.quantize_dynamic``) before the weight-only
-path. See docs/kernels.md for layouts and dispatch.
+Any other activation spec, and static activation qparams, are emulated: x is fake-quantized before the
+weight-only path. See docs/kernels.md for layouts and dispatch.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ptq.affine import quantize, quantize_dynamic
+from ptq.affine import fake_quantize, quantize, quantize_dynamic
 from ptq.kernels import reference
 from ptq.kernels.dispatch import check_backend, kernel, triton_runs_on
 from ptq.spec import QuantSpec
@@ -73,12 +73,13 @@ class QuantLinear(nn.Module):
         dtype: torch.dtype = torch.float16,
         device: torch.device | str | None = None,
         act_order: bool = False,
+        static_input: bool = False,
     ) -> None:
         super().__init__()
         check_backend(backend)
         self.in_features, self.out_features = in_features, out_features
         self.weight_spec, self.input_spec, self.backend = weight_spec, input_spec, backend
-        self.mode = storage_mode(weight_spec, input_spec)
+        self.mode = storage_mode(weight_spec, None if static_input else input_spec)
         self.group_size = effective_group_size(weight_spec, in_features)
         groups = -(-in_features // self.group_size)
         asym = not weight_spec.symmetric
@@ -96,6 +97,8 @@ class QuantLinear(nn.Module):
         self.register_buffer("bias", torch.zeros(n, dtype=dtype, device=device) if bias else None)
         perm = torch.arange(k, device=device) if act_order else None
         self.register_buffer("perm", perm)  # input columns in group order (GPTQ act-order), or None
+        self.register_buffer("input_scale", None)  # static activation qparams (set by from_float), or None
+        self.register_buffer("input_zero", None)
 
     @classmethod
     @torch.no_grad()
@@ -110,18 +113,23 @@ class QuantLinear(nn.Module):
         input_spec: QuantSpec | None = None,
         dtype: torch.dtype | None = None,
         g_idx: torch.Tensor | None = None,
+        input_qparams: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> QuantLinear:
         """Pack ``weight`` [N, K] under slot-shaped ``scale``/``zero`` (affine convention) and ``spec``.
 
         The integers are round(weight / scale) + zero, clamped: exact when ``weight`` is already the dequantized
         weight. ``dtype`` (scales and bias) defaults to the weight's dtype. ``g_idx[j]``, the group of input
         column j, may be a permutation of the affine layout (GPTQ act-order with dynamic groups): the columns are
-        then stored in group order and ``forward`` gathers x's features the same way.
+        then stored in group order and ``forward`` gathers x's features the same way. ``input_qparams``: static
+        (scale, zero) of the activations under ``input_spec`` (emulated); None for dynamic ones.
         """
         n, k = weight.shape
         dtype = dtype or weight.dtype
         perm = act_order_permutation(g_idx, effective_group_size(spec, k))
-        layer = cls(k, n, spec, input_spec, bias is not None, backend, dtype, weight.device, perm is not None)
+        layer = cls(k, n, spec, input_spec, bias is not None, backend, dtype, weight.device, perm is not None,
+                    static_input=input_qparams is not None)
+        if input_qparams is not None:
+            layer.input_scale, layer.input_zero = (p.detach().to(weight.device) for p in input_qparams)
         if perm is not None:
             weight = weight[:, perm]
             layer.perm.copy_(perm)
@@ -148,7 +156,9 @@ class QuantLinear(nn.Module):
             x = x.index_select(-1, self.perm)
         if self.mode == "w8a8":
             return kernel("w8a8", self.backend)(x, self.qweight, self.weight_scale, self.bias)
-        if self.input_spec is not None:
+        if self.input_scale is not None:
+            x = fake_quantize(x, self.input_scale, self.input_zero, self.input_spec)
+        elif self.input_spec is not None:
             x = quantize_dynamic(x, self.input_spec)
         return kernel("weight_only", self.backend)(x, self.qweight, self.scales, self.zeros, self.group_size, self.bias)
 
@@ -168,13 +178,22 @@ def is_calibrated_linear(module: nn.Module) -> bool:
     return all(hasattr(module, a) for a in WEIGHT_ATTRS) and isinstance(module.weight_spec, QuantSpec)
 
 
+def static_input_qparams(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(scale, zero) of a static activation quantizer (``module.input_quantizer`` with ``dynamic`` False)."""
+    quantizer = getattr(module, "input_quantizer", None)
+    if quantizer is None or getattr(quantizer, "dynamic", True):
+        return None
+    return quantizer.scale, quantizer.zero
+
+
 def convert(model: nn.Module, backend: str = "torch") -> nn.Module:
     """Replace every calibrated (fake-quant) Linear in ``model`` by a ``QuantLinear``; returns the model.
 
     A module qualifies when it has ``weight_scale``, ``weight_zero`` and ``weight_spec`` (see
     ``is_calibrated_linear``); its ``.weight`` is the dequantized float weight, ``input_spec`` (optional, None
-    for weight-only) the dynamic per-token activation spec, ``g_idx`` (optional) the group of each input column.
-    If ``model`` itself qualifies, its replacement is returned.
+    for weight-only) the activation spec, ``g_idx`` (optional) the group of each input column. Activations
+    are dynamic unless ``input_quantizer`` is static (``dynamic`` False, with ``scale`` and ``zero``): those
+    are kept and emulated. If ``model`` itself qualifies, its replacement is returned.
     """
     check_backend(backend)
     targets = [(name, m) for name, m in model.named_modules() if is_calibrated_linear(m)]
@@ -184,6 +203,7 @@ def convert(model: nn.Module, backend: str = "torch") -> nn.Module:
             module.weight.detach(), module.weight_scale, module.weight_zero, module.weight_spec,
             bias=None if bias is None else bias.detach(), backend=backend,
             input_spec=getattr(module, "input_spec", None), g_idx=getattr(module, "g_idx", None),
+            input_qparams=static_input_qparams(module),
         )
         if not name:
             return packed

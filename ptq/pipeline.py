@@ -14,7 +14,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from ptq.calibrate import calibrate
-from ptq.config import validate
+from ptq.config import ConfigError, validate
 from ptq.data import calibration_samples, evaluation_windows, load_tokens
 from ptq.eval.perplexity import perplexity
 from ptq.models import load_pretrained, load_tokenizer, mapping_for, random_llama, resolve_source
@@ -52,44 +52,61 @@ def load_model(cfg: DictConfig) -> tuple[torch.nn.Module, Any]:
     return load_pretrained(source, cfg.model.dtype), load_tokenizer(source)
 
 
-def model_bytes(model: torch.nn.Module) -> tuple[float, float]:
-    """(fp16 bytes, quantized bytes): every parameter at 16 bits, vs quantized Linears at their bits per weight.
-
-    Tied parameters (embeddings shared with the LM head) are counted once.
-    """
-    fp16, quantized, seen = 0.0, 0.0, set()
+def model_size(model: torch.nn.Module) -> dict[str, float]:
+    """Sizes in MB at fp16 and as quantized (quantized Linears at their bits per weight, scales included), and the
+    average bits per weight of the whole model and of its quantized Linears. Tied parameters count once."""
     bits_of = {id(m.weight): m.weight_spec.bits_per_weight(m.in_features)
                for m in model.modules() if isinstance(m, FakeQuantLinear)}
-    for param in model.parameters():
-        if id(param) in seen:
-            continue
-        seen.add(id(param))
-        fp16 += param.numel() * 2
-        quantized += param.numel() * bits_of.get(id(param), 16) / 8
-    return fp16, quantized
+    params = {id(p): p for p in model.parameters()}
+    numel = sum(p.numel() for p in params.values())
+    quantized_bits = sum(p.numel() * bits_of.get(key, 16) for key, p in params.items())
+    linear_numel = sum(params[key].numel() for key in bits_of)
+    linear_bits = sum(params[key].numel() * bits for key, bits in bits_of.items())
+    return {
+        "fp16_mb": numel * 2 / 2**20,
+        "quantized_mb": quantized_bits / 8 / 2**20,
+        "bits_per_weight": quantized_bits / numel,
+        "linear_bits_per_weight": linear_bits / linear_numel if linear_numel else 16.0,
+    }
 
 
 def baseline_key(cfg: DictConfig, windows: torch.Tensor) -> str:
+    """Identifies a baseline: the model, the exact evaluation windows and the task settings."""
     model = OmegaConf.to_container(cfg.model, resolve=True)
     digest = hashlib.sha256(windows.numpy().tobytes()).hexdigest()[:16]
-    blob = json.dumps({"model": model, "data": cfg.data.name, "path": cfg.data.path, "windows": digest}, sort_keys=True)
+    tasks = {"tasks": list(cfg.eval.tasks), "limit": cfg.eval.limit, "num_fewshot": cfg.eval.num_fewshot}
+    blob = json.dumps({"model": model, "data": cfg.data.name, "path": cfg.data.path, "windows": digest, **tasks},
+                      sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:24]
 
 
-def cached_baseline(cfg: DictConfig, windows: torch.Tensor, compute: Any) -> tuple[float, bool]:
-    """The full-precision perplexity for these exact windows, computed once per (model, data, eval settings)."""
+def cached_baseline(cfg: DictConfig, windows: torch.Tensor, compute: Any) -> tuple[dict[str, float], bool]:
+    """Full-precision metrics for these exact windows and tasks, computed once per (model, data, eval settings)."""
     path = Path(cfg.eval.cache_dir).expanduser() / f"{baseline_key(cfg, windows)}.json"
     if path.is_file():
-        return json.loads(path.read_text())["perplexity"], True
-    value = compute()
+        return json.loads(path.read_text())["metrics"], True
+    metrics = compute()
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"perplexity": value, "model": cfg.model.name, "data": cfg.data.name}))
-    return value, False
+    path.write_text(json.dumps({"metrics": metrics, "model": cfg.model.name, "data": cfg.data.name}))
+    return metrics, False
+
+
+def check_tasks(tasks: list[str]) -> None:
+    """Resolve lm-eval task names before any model loads (unknown or unreachable tasks fail in one line)."""
+    if not tasks:
+        return
+    from ptq.eval.harness import TaskUnavailableError, load_tasks
+
+    try:
+        load_tasks(tasks)
+    except (ValueError, TaskUnavailableError) as error:
+        raise ConfigError(str(error)) from None
 
 
 def run(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
     """Run one configured experiment; write ``results.json`` into ``output_dir`` and return the results."""
     steps = validate(cfg)
+    check_tasks(list(cfg.eval.tasks))
     device = pick_device(cfg.device)
     torch.manual_seed(cfg.seed)
     timer = Timer()
@@ -101,15 +118,21 @@ def run(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
         tokens = load_tokens(cfg.data.name, tokenizer, cfg.data.path)
         samples = calibration_samples(tokens.calibration, cfg.data.n_samples, cfg.data.seq_len, cfg.seed)
         windows = evaluation_windows(tokens.evaluation, cfg.eval.seq_len, cfg.eval.max_windows)
-    fp16_bytes, _ = model_bytes(model)
 
-    def evaluate() -> float:
+    def evaluate() -> dict[str, float]:
         model.to(device)
-        value = perplexity(model, windows, cfg.eval.batch_size, device, cfg.progress)
-        model.to("cpu")
-        return value
+        metrics = {"perplexity": perplexity(model, windows, cfg.eval.batch_size, device, cfg.progress)}
+        if cfg.eval.tasks:
+            from ptq.eval.harness import evaluate_tasks
 
-    baseline, from_cache = None, False
+            accuracy = evaluate_tasks(model, tokenizer, list(cfg.eval.tasks), cfg.eval.limit, cfg.eval.batch_size,
+                                      cfg.eval.num_fewshot, device, cfg.seed)
+            metrics.update({f"{task}/{name}": value for task, values in accuracy.items()
+                            for name, value in values.items()})
+        model.to("cpu")
+        return metrics
+
+    baseline, from_cache = {}, False
     if cfg.eval.baseline:
         with timer.stage("eval_baseline"):
             baseline, from_cache = cached_baseline(cfg, windows, evaluate)
@@ -122,8 +145,7 @@ def run(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
 
         with timer.stage("convert"):
             model = convert(model, cfg.backend)
-    _, quantized_bytes = model_bytes(model)
-    n_params = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+    size = model_size(model)
 
     with timer.stage("eval_quantized"):
         quantized = evaluate()
@@ -131,15 +153,11 @@ def run(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
     results = {
         "config": container,
         "method": cfg.method.name,
-        "metrics": {
-            "baseline": {"perplexity": baseline},
-            "quantized": {"perplexity": quantized},
-        },
+        "metrics": {"baseline": baseline, "quantized": quantized},
         "baseline_from_cache": from_cache,
         "eval_windows": int(windows.shape[0]),
         "eval_tokens": int(windows.numel()),
-        "size": {"fp16_mb": fp16_bytes / 2**20, "quantized_mb": quantized_bytes / 2**20,
-                 "bits_per_weight": 8 * quantized_bytes / n_params},
+        "size": size,
         "timings_s": timer.seconds,
         "layers": layers,
         "versions": versions(),

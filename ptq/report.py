@@ -17,11 +17,12 @@ def summary_table(results: dict[str, Any]) -> str:
     """Baseline vs quantized: every metric, bits per weight, size, and time per stage."""
     metrics = results["metrics"]
     rows: list[tuple[str, Any, Any]] = []
-    names = sorted({name for stage in metrics.values() for name in stage})
+    names = sorted({name for stage in metrics.values() for name in stage if not name.endswith("_stderr")})
     for name in names:
         rows.append((name, metrics["baseline"].get(name), metrics["quantized"].get(name)))
     size = results["size"]
-    rows.append(("bits per weight", 16.0, size["bits_per_weight"]))
+    rows.append(("bits per weight (model)", 16.0, size["bits_per_weight"]))
+    rows.append(("bits per weight (linears)", 16.0, size["linear_bits_per_weight"]))
     rows.append(("size (MB)", size["fp16_mb"], size["quantized_mb"]))
     width = max(len(r[0]) for r in rows) + 2
     cached = " (cached)" if results.get("baseline_from_cache") else ""

@@ -35,6 +35,7 @@ def git_commit(cwd: Path | None = None) -> str | None:
 def write_results(output_dir: Path, results: dict[str, Any]) -> Path:
     """Write ``results.json`` atomically, so a killed run never leaves a complete-looking file."""
     path = Path(output_dir) / RESULTS_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(results, indent=2, default=_jsonable))
     os.replace(tmp, path)

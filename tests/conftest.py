@@ -27,6 +27,7 @@ def compose_config(overrides: list[str], tmp_path: Path) -> DictConfig:
 @pytest.fixture
 def tiny_config(tmp_path):
     def make(*overrides: str) -> DictConfig:
-        return compose_config([*TINY, "logger=none", *overrides], tmp_path)
+        logger = [] if any(o.startswith("logger=") for o in overrides) else ["logger=none"]
+        return compose_config([*TINY, *logger, *overrides], tmp_path)
 
     return make

@@ -92,7 +92,7 @@ def evaluate_tasks(
         tasks: task, group or tag names: ptq's offline tasks or lm-eval's own (which download from the hub).
         limit: first N items per task, or a fraction of each task if below 1; None for all.
         batch_size: sequences per forward pass.
-        num_fewshot: in-context examples; None keeps each task's default (0 for the offline tasks).
+        num_fewshot: in-context examples; None keeps each task's default (0 here); pydoc_cloze stays zero-shot.
         device: torch device for the model.
         seed: seeds Python, NumPy and torch, and lm-eval's few-shot sampler.
         bootstrap_iters: resamples for bootstrapped standard errors (perplexity's); lm-eval's default is 100000.

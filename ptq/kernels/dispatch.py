@@ -32,9 +32,14 @@ def check_backend(backend: str) -> None:
         raise ValueError(f"backend={backend!r}: allowed are {', '.join(BACKENDS)}")
 
 
+def interpreter_on() -> bool:
+    """Whether ``TRITON_INTERPRET`` is set: ``triton.jit`` then makes interpreted (numpy, CPU) functions."""
+    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
+
+
 def triton_runs_on(x: torch.Tensor) -> bool:
     """Triton kernels take CUDA tensors, or CPU tensors when the interpreter is on."""
-    return x.is_cuda or os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
+    return x.is_cuda or interpreter_on()
 
 
 def kernel(op: str, backend: str) -> Callable[..., torch.Tensor]:

@@ -124,9 +124,11 @@ def quantize_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def int8_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Exact int32 product a [M, K] · b [N, K]ᵀ of int8 matrices.
 
-    CPU: ``torch._int_mm`` (int32 accumulation). Elsewhere: float64, exact since |Σ| < 2⁵³ for any practical K.
+    ``torch._int_mm`` (int32 accumulation, column-major RHS) on CPU, and on CUDA where it takes the shape
+    (M > 16, K and N multiples of 8); otherwise float64, exact since |Σ| < 2⁵³ for any practical K.
     """
-    if a.device.type == "cpu":
+    (m, k), n = a.shape, b.shape[0]
+    if a.device.type == "cpu" or (a.is_cuda and m > 16 and k % 8 == 0 and n % 8 == 0):
         return torch._int_mm(a.contiguous(), b.t())
     return (a.double() @ b.double().t()).to(torch.int32)
 

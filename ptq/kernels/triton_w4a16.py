@@ -6,10 +6,12 @@ The weight-only scheme of GPTQ (Frantar et al. 2023) and AWQ (Lin et al. 2024): 
 dtype); ``zeros`` uint8 [G, N] for asymmetric weights, ``None`` for symmetric ones (implicit zero 8).
 
 Inner loop, per K-tile of BLOCK_K features, which lies inside one group (BLOCK_K divides the group size):
-load a [BLOCK_K, BLOCK_N] tile of words (row k reads word k // 8: neighbouring rows hit the same cache line),
-shift by 4 · (k mod 8) and mask to a nibble, subtract the zero point (exact small integers in x's dtype), and
-accumulate ``dot(x_tile, q − z) · s`` in fp32. Scaling after the dot is exact algebra (s is constant over the
-tile) and costs BLOCK_M × BLOCK_N multiplies instead of BLOCK_K × BLOCK_N.
+load the compact [BLOCK_K / 8, BLOCK_N] tile of words (coalesced along N; each weight byte crosses memory and
+shared memory once), unpack in registers (shift by 0, 4, …, 28, mask, reshape to [BLOCK_K, BLOCK_N]), subtract
+the zero point (exact small integers in x's dtype), and accumulate in fp32. For BLOCK_M ≤ 32 the tile is
+scaled after the dot, ``acc += dot(x_tile, q − z) · s`` (exact algebra, s is constant over the tile: BLOCK_M ×
+BLOCK_N multiplies instead of BLOCK_K × BLOCK_N); larger tiles dequantize first, ``acc = dot(x_tile, s · (q − z),
+acc)``, which accumulates in place and keeps the register budget of one accumulator.
 
 Paths, chosen by M (the number of tokens):
 
@@ -28,12 +30,14 @@ and int8 weights (W8A16) fall back to ``reference.weight_only_linear``.
 from __future__ import annotations
 
 import functools
+import math
 
 import torch
 import triton
 import triton.language as tl
 
 from ptq.kernels import reference
+from ptq.kernels.dispatch import interpreter_on
 
 LARGE_M = 1024
 """From this many tokens on, dequantize + cuBLAS. A first guess: not yet measured (scripts/bench_kernels.py)."""
@@ -43,8 +47,15 @@ K_SPLIT_ALIGN = 128
 MIN_GROUP_MULTIPLE = 32
 
 
-INTERPRETED = bool(triton.knobs.runtime.interpret)
+INTERPRETED = interpreter_on()
 """Read once, when the kernels below are decorated: ``triton.jit`` makes interpreted functions iff it is set."""
+
+
+@triton.jit
+def _unpack(words, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
+    """[BLOCK_K / 8, BLOCK_N] int32 words → [BLOCK_K, BLOCK_N] nibbles: row 8·j + i is nibble i of word row j."""
+    shifts = tl.arange(0, 8) * 4
+    return tl.reshape((words[:, None, :] >> shifts[None, :, None]) & 0xF, (BLOCK_K, BLOCK_N))
 
 
 @triton.jit
@@ -87,17 +98,18 @@ def _w4a16_kernel(
     rm = offs_m % M  # wrapped rows/cols: loads need no mask, the store masks the real ones
     rn = offs_n % N
     rk = tl.arange(0, BLOCK_K)
-    shifts = (rk % 8) * 4
+    rj = tl.arange(0, BLOCK_K // 8)
+    words_k = (K + 7) // 8
 
     k_start = pid_k * K_PER_SPLIT
     k_stop = tl.minimum(k_start + K_PER_SPLIT, K)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(k_start, k_stop, BLOCK_K):
         offs_k = k0 + rk
-        in_k = offs_k < K
-        x = tl.load(x_ptr + rm[:, None] * stride_xm + offs_k[None, :], mask=in_k[None, :], other=0.0)
-        words = tl.load(qw_ptr + (offs_k // 8)[:, None] * N + rn[None, :], mask=in_k[:, None], other=0)
-        nibbles = (words >> shifts[:, None]) & 0xF
+        x = tl.load(x_ptr + rm[:, None] * stride_xm + offs_k[None, :], mask=(offs_k < K)[None, :], other=0.0)
+        offs_j = k0 // 8 + rj
+        words = tl.load(qw_ptr + offs_j[:, None] * N + rn[None, :], mask=(offs_j < words_k)[:, None], other=0)
+        nibbles = _unpack(words, BLOCK_K, BLOCK_N)
         g = k0 // GROUP
         if ASYM:
             zero = tl.load(z_ptr + g * N + rn).to(tl.int32)
@@ -105,7 +117,10 @@ def _w4a16_kernel(
         else:
             w = nibbles - 8
         scale = tl.load(s_ptr + g * N + rn).to(tl.float32)
-        acc += tl.dot(x, w.to(x.dtype)) * scale[None, :]
+        if BLOCK_M <= 32:  # few rows: scale the [BLOCK_M, BLOCK_N] product, not the [BLOCK_K, BLOCK_N] tile
+            acc += tl.dot(x, w.to(x.dtype)) * scale[None, :]
+        else:  # many rows: dequantize the tile and accumulate in place (no second accumulator in registers)
+            acc = tl.dot(x, (w.to(tl.float32) * scale[None, :]).to(x.dtype), acc)
 
     mask = (offs_m < M)[:, None] & (offs_n < N)[None, :]
     if SPLIT_K == 1:
@@ -157,11 +172,17 @@ def _config(bm: int, bn: int, bk: int, warps: int, stages: int) -> triton.Config
 
 BUCKET_CONFIGS: dict[str, list[triton.Config]] = {
     "decode": [_config(16, bn, bk, 4, st) for bn in (32, 64, 128) for bk in (64, 128) for st in (3, 4, 5)],
-    "small": [_config(bm, bn, bk, 4, st) for bm in (32, 64) for bn in (64, 128) for bk in (64, 128) for st in (3, 4)],
-    "medium": [_config(bm, bn, 64, w, st) for bm in (64, 128) for bn in (128, 256) for w in (4, 8) for st in (3, 4)],
+    "small": [_config(32, bn, bk, 4, st) for bn in (64, 128) for bk in (64, 128) for st in (3, 4)]
+    + [_config(64, bn, 64, 8, st) for bn in (64, 128) for st in (3, 4)],
+    "medium": [_config(bm, bn, 64, 8, st) for bm in (64, 128) for bn in (128, 256) for st in (3, 4)],
 }
-"""Autotune search spaces per M bucket (H100-oriented guesses, pruned per group size; not yet measured)."""
-INTERPRETER_CONFIG = {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 8}
+"""Autotune search spaces per M bucket (BLOCK_K shrunk per group size by ``_prune``). Chosen for H100 without a
+GPU run: tiles whose sm_90a build (Triton 3.9, ptxas -v) spills registers were left out; not yet timed."""
+INTERPRETER_CONFIGS = {
+    bucket: {"BLOCK_M": bm, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 8}
+    for bucket, bm in (("decode", 16), ("small", 32), ("medium", 64))
+}
+"""One small config per bucket under the interpreter; BLOCK_M 16/32 and 64 run both scaling orders."""
 
 
 def _bucket(m: int) -> str:
@@ -169,10 +190,15 @@ def _bucket(m: int) -> str:
 
 
 def _prune(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
-    """Keep configs whose BLOCK_K divides the group (a K-tile must not straddle two scales)."""
-    group = kwargs.get("GROUP", named_args.get("GROUP"))
-    kept = [c for c in configs if group % c.kwargs["BLOCK_K"] == 0]
-    return kept or [_config(16, 64, MIN_GROUP_MULTIPLE, 4, 3)]
+    """Shrink BLOCK_K to divide the group, so that a K-tile never straddles two scales (per-channel: any BLOCK_K);
+    configs that become identical are kept once."""
+    group, k = kwargs["GROUP"], named_args["K"]
+    kept: dict[tuple, triton.Config] = {}
+    for c in configs:
+        block_k = c.kwargs["BLOCK_K"] if group >= k else math.gcd(c.kwargs["BLOCK_K"], group)
+        pruned = _config(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], block_k, c.num_warps, c.num_stages)
+        kept.setdefault((*pruned.kwargs.values(), c.num_warps, c.num_stages), pruned)
+    return list(kept.values())
 
 
 @functools.cache
@@ -242,7 +268,7 @@ def _fused(
         return triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]), split_k
 
     if INTERPRETED:
-        _w4a16_kernel[grid](*args, **flags, **INTERPRETER_CONFIG)
+        _w4a16_kernel[grid](*args, **flags, **INTERPRETER_CONFIGS[_bucket(m)])
     else:
         _tuned(_bucket(m))[grid](*args, **flags)
     if split_k > 1:
@@ -271,7 +297,7 @@ def w4a16_linear(
     kernel (None: heuristic for decode shapes, 1 otherwise). ``out``: an [M, N] buffer to write into.
     """
     shape = x.shape
-    k, n = shape[-1], qweight.shape[1]
+    k, n = shape[-1], qweight.shape[1] if qweight.dtype == torch.int32 else qweight.shape[0]
     x2 = x.reshape(-1, k)
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()

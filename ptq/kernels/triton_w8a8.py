@@ -20,10 +20,12 @@ import torch
 import triton
 import triton.language as tl
 
-INTERPRETED = bool(triton.knobs.runtime.interpret)
+from ptq.kernels.dispatch import interpreter_on
+
+INTERPRETED = interpreter_on()
 """Read once, when the kernels below are decorated: ``triton.jit`` makes interpreted functions iff it is set."""
-QMAX = 127.0
-EPS = 1e-8
+QMAX = tl.constexpr(127.0)
+EPS = tl.constexpr(1e-8)  # as ptq.affine.EPS
 
 
 @triton.jit
@@ -108,11 +110,13 @@ def _config(bm: int, bn: int, bk: int, warps: int, stages: int) -> triton.Config
 
 
 BUCKET_CONFIGS: dict[str, list[triton.Config]] = {
-    "decode": [_config(16, bn, bk, 4, st) for bn in (64, 128) for bk in (128, 256) for st in (3, 4, 5)],
-    "small": [_config(bm, bn, 128, 4, st) for bm in (32, 64) for bn in (64, 128) for st in (3, 4)],
-    "large": [_config(bm, bn, 128, w, st) for bm in (64, 128) for bn in (128, 256) for w in (4, 8) for st in (3, 4)],
+    "decode": [_config(16, 64, bk, 4, st) for bk in (64, 128, 256) for st in (3, 4, 5)],
+    "small": [_config(32, bn, bk, 8, st) for bn, bk in ((64, 128), (128, 64), (128, 128), (256, 64)) for st in (3, 4)]
+    + [_config(64, bn, bk, 8, st) for bn, bk in ((64, 128), (128, 64), (128, 128)) for st in (3, 4)],
+    "large": [_config(bm, bn, 64, 8, st) for bm, bn in ((128, 64), (128, 128), (64, 128)) for st in (3, 4, 5)],
 }
-"""Autotune search spaces per M bucket (H100-oriented guesses; not yet measured)."""
+"""Autotune search spaces per M bucket. Chosen for H100 without a GPU run: tiles whose sm_90a build (Triton 3.9,
+ptxas -v) spills registers were left out; timings are still to be measured."""
 INTERPRETER_CONFIG = {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 8}
 
 

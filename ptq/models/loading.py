@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -69,7 +70,9 @@ def resolve_source(source: str, gguf_file: str | None = None) -> ResolvedSource:
     return ResolvedSource(source, gguf_file, "hub")
 
 
+@functools.lru_cache(maxsize=4)
 def load_tokenizer(source: ResolvedSource) -> Any:
+    """The tokenizer of ``source`` (cached: a GGUF vocabulary takes seconds to parse)."""
     from transformers import AutoTokenizer
 
     kwargs = {"gguf_file": source.gguf_file} if source.gguf_file else {}

@@ -12,10 +12,12 @@ from typing import Any
 
 from ptq.calibrate import Transform
 from ptq.spec import QuantSpec
+from ptq.transforms.awq import AWQ
 from ptq.transforms.gptq import GPTQ
 from ptq.transforms.rtn import RTN
+from ptq.transforms.smoothquant import SmoothQuant
 
-TRANSFORMS: dict[str, Callable[..., Transform]] = {"rtn": RTN, "gptq": GPTQ}
+TRANSFORMS: dict[str, Callable[..., Transform]] = {"rtn": RTN, "gptq": GPTQ, "awq": AWQ, "smoothquant": SmoothQuant}
 
 OBSERVER_KEY = "name"
 

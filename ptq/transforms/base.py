@@ -69,6 +69,10 @@ class Quantizer:
             if self.act_observer is not None:
                 check_observer(self.act_observer, self.act_observer_options, "activations.observer")
 
+    @property
+    def needs_data(self) -> bool:
+        return self.act_observer is not None
+
     def quantize_weight(self, name: str, weight: torch.Tensor, inputs: Any) -> QuantizedWeight:
         raise NotImplementedError
 

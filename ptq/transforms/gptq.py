@@ -278,6 +278,10 @@ class GPTQ(Quantizer):
         if not 0.0 <= self.damp_percent < 1.0:
             raise ValueError(f"damp_percent={self.damp_percent!r}: allowed is 0 <= damp_percent < 1")
 
+    @property
+    def needs_data(self) -> bool:
+        return True
+
     def linear_stages(self, ctx: BlockContext) -> list[list[str]]:
         if self.true_sequential:
             return [list(group.linears) for group in ctx.mapping.groups]

@@ -14,7 +14,8 @@ items) takes a mix of topics:
 * ``pydoc_cloze`` — LAMBADA-style last-word prediction: a passage of consecutive sentences of one topic
   (``CLOZE_WORDS`` words) whose final word is alphabetic and at least 3 letters long; context = the passage up to
   that word, target = ``" " + word`` (its full stop dropped). Scored like lm-eval's ``lambada_openai``: ``acc``
-  (the target is the greedy continuation) and ``perplexity``.
+  (the target is the greedy continuation) and ``perplexity``. Every qualifying sentence ends one passage, so
+  passages overlap; the task is therefore pinned zero-shot.
 * ``pydoc_choice`` — the start of a sentence and four continuations: the true one and the continuations of
   three other sentences of similar length, scored with ``acc`` and ``acc_norm``.
 
@@ -151,7 +152,10 @@ def task_yaml(name: str, body: str) -> str:
     )
 
 
+# Cloze passages overlap (each is the run of sentences before its own target), so a few-shot example drawn from
+# the same items could show another item's answer: the task is pinned zero-shot, as lambada_openai is run.
 CLOZE_YAML = """output_type: loglikelihood
+num_fewshot: 0
 doc_to_text: context
 doc_to_target: target
 metric_list:

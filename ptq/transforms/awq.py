@@ -1,0 +1,191 @@
+"""AWQ: activation-aware weight scaling and clipping before low-bit weight quantization.
+
+Lin, Tang, Tang, Yang, Chen, Wang, Xiao, Dang, Gan, Han 2023, "AWQ: Activation-aware Weight Quantization for
+LLM Compression and Acceleration". A few input channels carry large activations; the weights that read them
+matter most. Scaling such a weight column up by s > 1 before quantizing (and the activation down by 1/s) cuts its
+relative rounding error (§3.2, eq. 1–3): Q(w·s)·(x/s). Per smoothing group (``ptq.models.mappings``):
+
+- §3.2, scale search (eq. 4–5): s = s_X^α with s_X = mean |x_j| over the calibration tokens, for α on a grid of
+  ``grid`` points in [0, 1) (α = 0 is s = 1, no scaling); s is normalised by √(max s · min s) as in the
+  reference code. For each α every linear of the group becomes Q(W·diag(s))·diag(s)⁻¹, the ``inspect`` module is
+  run on its captured inputs, and the α with the least MSE to the full-precision output wins; 1/s is folded into
+  ``prev`` and s into the linears (``ptq.transforms.scaling``).
+- §3.3 / the reference's ``auto_clip``: per linear (q and k skipped, their outputs only meet through softmax),
+  per output row and weight group, shrink the range max|w| by 1 − i/``clip_grid`` for i < ``max_shrink``·clip_grid
+  (1.0, 0.95, …, 0.55) and keep the ratio whose quantized partial output Σ_k x_k ŵ_k over ``clip_tokens`` sampled
+  tokens is closest to the original; the weights are clamped to it.
+
+AWQ is a rescaler: it changes weights but does not quantize them; a following ``rtn`` or ``gptq`` step with the
+same weight spec decides the integers. Without ``clip_search`` the full-precision model is unchanged.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from ptq.affine import expand, fake_quantize, minmax_qparams, slots
+from ptq.calibrate import BlockContext, main_input
+from ptq.models.mappings import Group
+from ptq.observers import build_observer
+from ptq.spec import QuantSpec
+from ptq.transforms.base import check_observer
+from ptq.transforms.scaling import ChannelStat, apply_scales, scalable_groups
+
+MIN_SCALE = 1e-4
+
+
+@dataclass(frozen=True)
+class ScaleSearch:
+    """The grid of one group's scale search: the output MSE at every α, and the winning scales."""
+
+    alphas: tuple[float, ...]
+    errors: tuple[float, ...]
+    scales: torch.Tensor  # s for the best α, [in]
+
+    @property
+    def best(self) -> int:
+        return min(range(len(self.errors)), key=self.errors.__getitem__)
+
+
+def awq_scales(x_mean: torch.Tensor, alpha: float) -> torch.Tensor:
+    """s = s_X^α (eq. 5), normalised so that max s · min s = 1."""
+    s = x_mean.float().pow(alpha).clamp_min(MIN_SCALE)
+    return s / (s.max() * s.min()).sqrt()
+
+
+@torch.no_grad()
+def search_scales(linears: Sequence[nn.Module], x_mean: torch.Tensor, run: Callable[[], torch.Tensor],
+                  quantize: Callable[[torch.Tensor], torch.Tensor], grid: int = 20) -> ScaleSearch:
+    """Grid-search α (eq. 5): the s that minimises ‖run() − run_fp()‖² with every linear at Q(W·s)/s.
+
+    ``run`` evaluates the inspected module on its calibration inputs; ``quantize`` fake-quantizes a weight.
+    The linears' weights are restored before returning.
+    """
+    originals = [linear.weight.data for linear in linears]
+    reference = run()
+    alphas = tuple(i / grid for i in range(grid))
+    errors = []
+    try:
+        for alpha in alphas:
+            s = awq_scales(x_mean, alpha)
+            for linear, weight in zip(linears, originals, strict=True):
+                linear.weight.data = (quantize(weight.float() * s) / s).to(weight.dtype)
+            errors.append((run() - reference).float().pow(2).mean().item())
+    finally:
+        for linear, weight in zip(linears, originals, strict=True):
+            linear.weight.data = weight
+    best = min(range(grid), key=errors.__getitem__)
+    return ScaleSearch(alphas, tuple(errors), awq_scales(x_mean, alphas[best]))
+
+
+@torch.no_grad()
+def search_clip(weight: torch.Tensor, x: torch.Tensor, spec: QuantSpec, grid: int = 20, max_shrink: float = 0.5,
+                rows: int = 256) -> torch.Tensor:
+    """Per (output row, weight group) clip value max|w|·(1 − i/grid), i < max_shrink·grid, minimising the MSE of
+    the group's quantized partial outputs over the tokens ``x`` [tokens, in]. Returns [out, n_groups]
+    (``spec``'s slot shape); the weight is quantized min/max within the clipped range."""
+    xs = slots(x.float(), spec, pad=0.0)  # [tokens, groups, group_size]; padding contributes nothing
+    best_all = []
+    for chunk in weight.float().split(rows):
+        ws = slots(chunk, spec)
+        reference = torch.einsum("tgk,ogk->otg", xs, ws)
+        org_max = ws.abs().amax(dim=-1)
+        best_max, best_err = org_max.clone(), torch.full_like(org_max, math.inf)
+        for i in range(int(max_shrink * grid)):
+            max_val = org_max * (1 - i / grid)
+            clipped = clip(chunk, max_val, spec)
+            quantized = fake_quantize(clipped, *minmax_qparams(clipped, spec), spec)
+            err = (torch.einsum("tgk,ogk->otg", xs, slots(quantized, spec)) - reference).pow(2).mean(dim=1)
+            better = err < best_err
+            best_err = torch.where(better, err, best_err)
+            best_max = torch.where(better, max_val, best_max)
+        best_all.append(best_max)
+    return torch.cat(best_all)
+
+
+def clip(weight: torch.Tensor, max_val: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+    """``weight`` clamped to [−max_val, max_val], with ``max_val`` in ``spec``'s slot shape."""
+    bound = expand(max_val, spec, weight.shape[-1]).to(weight.dtype)
+    return torch.maximum(torch.minimum(weight, bound), -bound)
+
+
+def first_tensor(output: Any) -> torch.Tensor:
+    return output[0] if isinstance(output, (tuple, list)) else output
+
+
+@dataclass
+class AWQ:
+    """The AWQ step on the block-wise engine: scale search per group, then (``clip_search``) the clip search."""
+
+    weight: QuantSpec
+    observer: str = "minmax"
+    observer_options: dict[str, Any] = field(default_factory=dict)
+    grid: int = 20
+    clip_search: bool = True
+    clip_grid: int = 20
+    max_shrink: float = 0.5
+    clip_tokens: int = 512
+    clip_skip: tuple[str, ...] = ("q_proj", "k_proj", "query", "key", "qkv", "c_attn")
+    name: str = "awq"
+    searches: dict[str, ScaleSearch] = field(default_factory=dict, init=False)  # "<block>.<prev>" → grid
+
+    needs_data: ClassVar[bool] = True
+
+    def __post_init__(self) -> None:
+        check_observer(self.observer, self.observer_options, "observer.name")
+        self.clip_skip = tuple(self.clip_skip)
+        allowed = ("group", "channel") if self.clip_search else ("group", "channel", "tensor")
+        if self.weight.granularity not in allowed:
+            raise ValueError(f"weight.granularity={self.weight.granularity!r}: allowed for awq with "
+                             f"clip_search={self.clip_search} are {', '.join(allowed)}")
+        for key in ("grid", "clip_grid", "clip_tokens"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"{key}={getattr(self, key)!r}: allowed is a positive integer")
+        if not 0.0 < self.max_shrink < 1.0:
+            raise ValueError(f"max_shrink={self.max_shrink!r}: allowed is 0 < max_shrink < 1")
+
+    def quantize(self, weight: torch.Tensor) -> torch.Tensor:
+        scale, zero = build_observer(self.observer, self.weight, **self.observer_options)(weight)
+        return fake_quantize(weight, scale, zero, self.weight)
+
+    @torch.no_grad()
+    def apply(self, ctx: BlockContext) -> None:
+        groups = scalable_groups(ctx.block, ctx.mapping)
+        calls = ctx.capture(list(dict.fromkeys(name for g in groups for name in (g.inspect, g.linears[0]))))
+        for group in groups:
+            result = self.search_group(ctx, group, calls)
+            apply_scales(ctx.block, group, result.scales)
+            self.searches[ctx.qualified(group.prev)] = result
+        if self.clip_search:
+            self.clip_block(ctx)
+
+    def search_group(self, ctx: BlockContext, group: Group, calls: dict[str, list[tuple[tuple, dict]]]) -> ScaleSearch:
+        stat = ChannelStat("mean")
+        for args, kwargs in calls[group.linears[0]]:
+            stat.update(main_input(args, kwargs))
+        inspect = ctx.module(group.inspect)
+
+        def run() -> torch.Tensor:
+            outputs = [first_tensor(inspect(*args, **kwargs)) for args, kwargs in calls[group.inspect]]
+            return torch.cat([y.flatten() for y in outputs])
+
+        return search_scales([ctx.module(n) for n in group.linears], stat.result(), run, self.quantize, self.grid)
+
+    def clip_block(self, ctx: BlockContext) -> None:
+        names = [n for n in ctx.mapping.linear_names if not any(pattern in n for pattern in self.clip_skip)]
+        tokens = sum(x.shape[:-1].numel() for x in ctx.inputs)
+        step = max(1, tokens // self.clip_tokens)
+        sampled: dict[str, list[torch.Tensor]] = {name: [] for name in names}
+        ctx.stream({name: lambda x, kept=sampled[name]: kept.append(x.reshape(-1, x.shape[-1])[::step])
+                    for name in names})
+        for name in names:
+            linear = ctx.module(name)
+            weight = linear.weight.data
+            max_val = search_clip(weight, torch.cat(sampled[name]), self.weight, self.clip_grid, self.max_shrink)
+            weight.copy_(clip(weight.float(), max_val, self.weight).to(weight.dtype))

@@ -1,0 +1,45 @@
+"""End to end on a tiny random Llama: a run writes results.json, a W&B offline run, and reuses its baseline."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from ptq.pipeline import run
+
+
+def test_run_writes_results_and_summary(tiny_config, tmp_path, capsys):
+    results = run(tiny_config("method=gptq", "bits=3", "group_size=32"), tmp_path)
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert saved["complete"] and saved["method"] == "gptq"
+    for stage in ("baseline", "quantized"):
+        assert saved["metrics"][stage]["perplexity"] > 1
+    assert saved["size"]["quantized_mb"] < saved["size"]["fp16_mb"]
+    assert len(saved["layers"]) == 14 and all(row["loss"] is not None for row in saved["layers"].values())
+    assert {"load", "calibrate", "eval_quantized"} <= set(saved["timings_s"])
+    out = capsys.readouterr().out
+    assert "perplexity" in out and "bits per weight" in out
+    assert results["metrics"] == saved["metrics"]
+
+
+def test_baseline_is_cached_across_runs(tiny_config, tmp_path):
+    first = run(tiny_config("bits=4"), tmp_path / "a")
+    second = run(tiny_config("bits=3"), tmp_path / "b")
+    assert not first["baseline_from_cache"] and second["baseline_from_cache"]
+    assert first["metrics"]["baseline"] == second["metrics"]["baseline"]
+    third = run(tiny_config("eval.max_windows=2"), tmp_path / "c")
+    assert not third["baseline_from_cache"]
+
+
+def test_offline_wandb_run_is_written(tiny_config, tmp_path):
+    results = run(tiny_config("logger=wandb", "logger.mode=offline"), tmp_path)
+    run_dirs = list((tmp_path / "wandb").glob("offline-run-*"))
+    assert len(run_dirs) == 1 and list(run_dirs[0].glob("*.wandb"))
+    assert results["wandb_dir"]
+
+
+def test_w8a8_quantizes_activations(tiny_config, tmp_path):
+    results = run(tiny_config("method=rtn_w8a8"), tmp_path)
+    assert results["metrics"]["quantized"]["perplexity"] == pytest.approx(
+        results["metrics"]["baseline"]["perplexity"], rel=0.05)
