@@ -86,6 +86,7 @@ class Config:
     device: str = "auto"
     backend: str = "fake"
     progress: bool = True
+    sweep_name: str = "sweep"
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     method: MethodConfig = field(default_factory=MethodConfig)
@@ -137,7 +138,9 @@ def validate(cfg: DictConfig) -> list[Any]:
     _choice("logger.name", cfg.logger.name, LOGGERS)
     _choice("logger.mode", cfg.logger.mode, WANDB_MODES)
     if cfg.data.name == "text" and not (cfg.data.path and Path(cfg.data.path).expanduser().is_file()):
-        raise ConfigError(f"data.path={cfg.data.path!r}: no such file; allowed is an existing UTF-8 text file (data=text)")
+        raise ConfigError(
+            f"data.path={cfg.data.path!r}: no such file; allowed is an existing UTF-8 text file (data=text)"
+        )
     if cfg.model.random_init is None:
         try:
             check_available(resolve_source(cfg.model.source, cfg.model.gguf_file))

@@ -20,7 +20,7 @@ from ptq.eval.perplexity import perplexity
 from ptq.models import load_pretrained, load_tokenizer, mapping_for, random_llama, resolve_source
 from ptq.nn import FakeQuantLinear
 from ptq.report import summary_table
-from ptq.tracking import Tracker, git_commit, versions, write_results
+from ptq.tracking import Tracker, completed_results, git_commit, versions, write_results
 
 
 class Timer:
@@ -107,6 +107,11 @@ def run(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
     """Run one configured experiment; write ``results.json`` into ``output_dir`` and return the results."""
     steps = validate(cfg)
     check_tasks(list(cfg.eval.tasks))
+    done = completed_results(output_dir)
+    if done is not None and done.get("config") == OmegaConf.to_container(cfg, resolve=True):
+        print(f"skipping: {output_dir / 'results.json'} is complete for this config")
+        print(summary_table(done))
+        return done
     device = pick_device(cfg.device)
     torch.manual_seed(cfg.seed)
     timer = Timer()

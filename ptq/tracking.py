@@ -42,6 +42,18 @@ def write_results(output_dir: Path, results: dict[str, Any]) -> Path:
     return path
 
 
+def completed_results(output_dir: Path) -> dict[str, Any] | None:
+    """The results of an earlier, finished run in ``output_dir`` (a restarted sweep skips it), else None."""
+    path = Path(output_dir) / RESULTS_FILE
+    if not path.is_file():
+        return None
+    try:
+        results = json.loads(path.read_text())
+    except json.JSONDecodeError:
+        return None
+    return results if results.get("complete") else None
+
+
 def _jsonable(value: Any) -> Any:
     if hasattr(value, "tolist"):
         return value.tolist()

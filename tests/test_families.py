@@ -53,6 +53,9 @@ def _config(name: str) -> Callable[[], object]:
         "phi3": lambda: T.Phi3Config(**ATTENTION, **TOKENS),
         "opt": lambda: T.OPTConfig(vocab_size=VOCAB, hidden_size=64, ffn_dim=96, num_hidden_layers=2,
                                    num_attention_heads=4, word_embed_proj_dim=64, **TOKENS),
+        "opt-350m": lambda: T.OPTConfig(vocab_size=VOCAB, hidden_size=64, ffn_dim=96, num_hidden_layers=2,
+                                        num_attention_heads=4, word_embed_proj_dim=32, do_layer_norm_before=False,
+                                        **TOKENS),
         "gpt2": lambda: T.GPT2Config(vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=4, n_positions=64, n_inner=96,
                                      bos_token_id=1, eos_token_id=2),
         "falcon-7b": lambda: T.FalconConfig(**falcon),
@@ -61,7 +64,8 @@ def _config(name: str) -> Callable[[], object]:
     }[name]
 
 
-FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "gemma3", "phi3", "opt", "gpt2",
+FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "gemma3", "phi3", "opt", "opt-350m",
+            "gpt2",
             "falcon-7b", "falcon-40b", "falcon-rw"]
 
 
@@ -113,7 +117,8 @@ def test_family(name):
     found = {n for n, m in model.named_modules() if isinstance(m, LINEAR_TYPES)}
     in_blocks = {n for n in found if n.startswith(prefix)}
     assert in_blocks == expected, "the mapping misses or invents linears"
-    outside = ("lm_head", "model.vision_tower.", "model.multi_modal_projector.")  # the head; Gemma 3's image side
+    # the head; Gemma 3's image side; OPT-350m's embedding projections
+    outside = ("lm_head", "model.vision_tower.", "model.multi_modal_projector.", "model.decoder.project_")
     assert all(n.startswith(outside) for n in found - in_blocks), found - in_blocks
 
     reference = logits(model, x)

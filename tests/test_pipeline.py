@@ -43,3 +43,15 @@ def test_w8a8_quantizes_activations(tiny_config, tmp_path):
     results = run(tiny_config("method=rtn_w8a8"), tmp_path)
     assert results["metrics"]["quantized"]["perplexity"] == pytest.approx(
         results["metrics"]["baseline"]["perplexity"], rel=0.05)
+
+
+def test_a_completed_run_is_skipped_and_an_interrupted_one_recomputed(tiny_config, tmp_path):
+    cfg = tiny_config("bits=3")
+    first = run(cfg, tmp_path)
+    again = run(cfg, tmp_path)
+    assert again["timings_s"] == first["timings_s"]  # read back, not recomputed
+    results = json.loads((tmp_path / "results.json").read_text())
+    results["complete"] = False  # what a run killed before its end would leave (it writes nothing at all)
+    (tmp_path / "results.json").write_text(json.dumps(results))
+    recomputed = run(cfg, tmp_path)
+    assert recomputed["complete"] and recomputed["timings_s"] != first["timings_s"]

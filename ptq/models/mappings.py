@@ -42,6 +42,7 @@ class Mapping:
     blocks: str
     groups: tuple[Group, ...]
     smoothquant_alpha: float = 0.5  # the migration strength the SmoothQuant authors report for the family
+    requires: tuple[tuple[str, object], ...] = ()  # (config attribute, value) pairs this layout needs
 
     @property
     def linear_names(self) -> list[str]:
@@ -85,8 +86,9 @@ PHI3 = Mapping(
     smoothquant_alpha=0.8,
 )
 
-# OPT's fc2 reads ReLU(fc1(x)); ReLU(x/s) = ReLU(x)/s for s > 0, so fc1 can absorb 1/s. The post-LN variant
-# (opt-350m, do_layer_norm_before=False) normalises after attention and does not fit this mapping.
+# OPT's fc2 reads ReLU(fc1(x)); ReLU(x/s) = ReLU(x)/s for s > 0, so fc1 can absorb 1/s. OPT-350m normalises
+# *after* attention and MLP (do_layer_norm_before=False): there the norms feed the next sublayer's residual, not
+# the linears, so only the linear-to-linear groups can be rescaled.
 OPT = Mapping(
     blocks="model.decoder.layers",
     groups=(
@@ -95,7 +97,10 @@ OPT = Mapping(
         Group("final_layer_norm", ("fc1",), "fc1"),
         Group("fc1", ("fc2",), "fc2", "linear"),
     ),
+    requires=(("do_layer_norm_before", True),),
 )
+OPT_POST_LN = replace(OPT, groups=tuple(replace(g, prev=None) if g.fold == "norm" else g for g in OPT.groups),
+                      requires=(("do_layer_norm_before", False),))
 
 # GPT-2's Conv1D layers hold [in, out] weights; ``ptq.nn.as_linears`` turns them into nn.Linear per block.
 GPT2 = Mapping(
@@ -122,7 +127,7 @@ FALCON = (
                               *_FALCON_OUT), 0.6),
 )
 
-# HF model_type → mapping, or several layouts of one model_type: the first whose modules all exist is used.
+# HF model_type → mapping, or several layouts of one model_type: the first that ``fits`` the model is used.
 MAPPINGS: dict[str, Mapping | tuple[Mapping, ...]] = {
     "llama": LLAMA,
     "mistral": LLAMA,
@@ -133,7 +138,7 @@ MAPPINGS: dict[str, Mapping | tuple[Mapping, ...]] = {
     "gemma3_text": GEMMA2,
     "gemma3": GEMMA3_MULTIMODAL,
     "phi3": PHI3,
-    "opt": OPT,
+    "opt": (OPT, OPT_POST_LN),
     "gpt2": GPT2,
     "falcon": FALCON,
 }
@@ -166,10 +171,15 @@ def mapping_for(model: nn.Module) -> Mapping:
 
 def multi_head_attention(config: object) -> bool:
     """True unless the (text) config has fewer key/value heads than query heads."""
-    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    text = text_config(config)
     heads = getattr(text, "num_attention_heads", None)
     kv_heads = getattr(text, "num_key_value_heads", None) or heads
     return kv_heads == heads
+
+
+def text_config(config: object) -> object:
+    """The language model's config (a multimodal config's text part)."""
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
 
 
 def without_mha_only_scaling(mapping: Mapping) -> Mapping:
@@ -182,10 +192,14 @@ def blocks_of(model: nn.Module, mapping: Mapping) -> nn.ModuleList:
 
 
 def fits(model: nn.Module, mapping: Mapping) -> bool:
-    """Whether ``mapping``'s blocks exist and its groups name exactly the linears of the first block."""
+    """Whether the config has what ``mapping`` requires, its blocks exist and its groups name exactly the linears
+    of the first block."""
     try:
         block = blocks_of(model, mapping)[0]
     except (AttributeError, IndexError, TypeError):
+        return False
+    config = text_config(getattr(model, "config", None))
+    if any(getattr(config, key, None) != value for key, value in mapping.requires):
         return False
     present = dict(block.named_modules())
     return mapping.modules() <= set(present) and set(mapping.linear_names) == set(linear_names(block))

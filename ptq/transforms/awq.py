@@ -157,7 +157,8 @@ class AWQ:
     @torch.no_grad()
     def apply(self, ctx: BlockContext) -> None:
         groups = scalable_groups(ctx.block, ctx.mapping)
-        calls = ctx.capture(list(dict.fromkeys(name for g in groups for name in (g.inspect, g.linears[0]))))
+        names = list(dict.fromkeys(name for g in groups for name in (g.inspect, g.linears[0])))
+        calls = ctx.capture(names) if names else {}
         for group in groups:
             result = self.search_group(ctx, group, calls)
             apply_scales(ctx.block, group, result.scales)
@@ -179,6 +180,8 @@ class AWQ:
 
     def clip_block(self, ctx: BlockContext) -> None:
         names = [n for n in ctx.mapping.linear_names if not any(pattern in n for pattern in self.clip_skip)]
+        if not names:
+            return
         tokens = sum(x.shape[:-1].numel() for x in ctx.inputs)
         step = max(1, tokens // self.clip_tokens)
         sampled: dict[str, list[torch.Tensor]] = {name: [] for name in names}

@@ -81,6 +81,8 @@ class SmoothQuant:
     @torch.no_grad()
     def apply(self, ctx: BlockContext) -> None:
         groups = self.groups(ctx)
+        if not groups:
+            return
         stats = {g.linears[0]: ChannelStat("max") for g in groups}
         ctx.stream({name: stat.update for name, stat in stats.items()})
         absmax = {g: stats[g.linears[0]].result() for g in groups}
