@@ -26,8 +26,8 @@ class QuantSpec:
     """Bits, symmetry and granularity of one quantized tensor.
 
     Symmetric specs use absmax scaling with the zero point pinned at 0 and signed integers
-    [−2^(b−1), 2^(b−1) − 1]; asymmetric specs use min/max with an integer zero point and unsigned integers
-    [0, 2^b − 1].
+    [−2^(b−1), 2^(b−1) − 1] (all 2^b levels: see ``ptq.affine.qparams_from_range``); asymmetric specs use
+    min/max with an integer zero point and unsigned integers [0, 2^b − 1].
     """
 
     bits: int = 4
