@@ -15,14 +15,16 @@ register_configs()
 
 
 @hydra.main(config_path="configs", config_name="config", version_base="1.3")
-def main(cfg: DictConfig) -> None:
+def main(cfg: DictConfig) -> float:
+    """One run; returns the quantized perplexity, the objective an Optuna sweep minimises."""
     from ptq.pipeline import run
 
     try:
-        run(cfg, Path(HydraConfig.get().runtime.output_dir))
+        results = run(cfg, Path(HydraConfig.get().runtime.output_dir))
     except ConfigError as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
+    return float(results["metrics"]["quantized"]["perplexity"])
 
 
 if __name__ == "__main__":

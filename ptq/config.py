@@ -24,6 +24,7 @@ BACKENDS = ("fake", "torch", "triton")
 LOGGERS = ("wandb", "none")
 WANDB_MODES = ("offline", "online", "disabled")
 PROPAGATE = ("quantized", "fp")
+MODEL_KINDS = ("causal_lm", "classifier")  # ptq.pipeline.WORKLOADS
 
 
 class ConfigError(ValueError):
@@ -33,6 +34,7 @@ class ConfigError(ValueError):
 @dataclass
 class ModelConfig:
     name: str = "smollm2-135m"
+    kind: str = "causal_lm"
     source: str = "smollm2-135m"
     gguf_file: str | None = None
     dtype: str = "float32"
@@ -86,6 +88,7 @@ class Config:
     device: str = "auto"
     backend: str = "fake"
     progress: bool = True
+    diagnostics: bool = False
     sweep_name: str = "sweep"
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -128,6 +131,7 @@ def validate(cfg: DictConfig) -> list[Any]:
     _choice("device", cfg.device, DEVICES)
     _choice("backend", cfg.backend, BACKENDS)
     _choice("model.dtype", cfg.model.dtype, tuple(DTYPES))
+    _choice("model.kind", cfg.model.kind, MODEL_KINDS)
     _choice("data.name", cfg.data.name, tuple(DATASETS))
     for key in ("n_samples", "seq_len", "batch_size"):
         _positive(f"data.{key}", cfg.data[key])
@@ -141,7 +145,7 @@ def validate(cfg: DictConfig) -> list[Any]:
         raise ConfigError(
             f"data.path={cfg.data.path!r}: no such file; allowed is an existing UTF-8 text file (data=text)"
         )
-    if cfg.model.random_init is None:
+    if cfg.model.random_init is None and cfg.model.kind == "causal_lm":
         try:
             check_available(resolve_source(cfg.model.source, cfg.model.gguf_file))
         except ModelSourceError as error:

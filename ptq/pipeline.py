@@ -5,8 +5,9 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -16,11 +17,13 @@ from omegaconf import DictConfig, OmegaConf
 from ptq.calibrate import calibrate
 from ptq.config import ConfigError, validate
 from ptq.data import calibration_samples, evaluation_windows, load_tokens
+from ptq.diagnostics import Diagnostics
 from ptq.eval.perplexity import perplexity
-from ptq.models import load_pretrained, load_tokenizer, mapping_for, random_llama, resolve_source
+from ptq.models import Mapping, digits, load_pretrained, load_tokenizer, mapping_for, random_llama, resolve_source
 from ptq.nn import FakeQuantLinear
 from ptq.report import summary_table
 from ptq.tracking import Tracker, completed_results, git_commit, versions, write_results
+from ptq.transforms.llm_int8 import LLMInt8Linear
 
 
 class Timer:
@@ -52,11 +55,68 @@ def load_model(cfg: DictConfig) -> tuple[torch.nn.Module, Any]:
     return load_pretrained(source, cfg.model.dtype), load_tokenizer(source)
 
 
+@dataclass
+class Workload:
+    """What the pipeline needs of a kind of model (``model.kind``): the model and its mapping, the calibration
+    inputs (batched along dim 0), the evaluation inputs (they key the cached baseline) and the metrics."""
+
+    model: torch.nn.Module
+    mapping: Mapping
+    samples: torch.Tensor
+    eval_data: torch.Tensor
+    eval_tokens: int
+    evaluate: Callable[[], dict[str, float]]
+
+
+def language_model(cfg: DictConfig, device: str) -> Workload:
+    """A causal LM: calibrated on token windows of ``data``, scored by perplexity and the ``eval.tasks``."""
+    model, tokenizer = load_model(cfg)
+    tokens = load_tokens(cfg.data.name, tokenizer, cfg.data.path)
+    samples = calibration_samples(tokens.calibration, cfg.data.n_samples, cfg.data.seq_len, cfg.seed)
+    windows = evaluation_windows(tokens.evaluation, cfg.eval.seq_len, cfg.eval.max_windows)
+
+    def evaluate() -> dict[str, float]:
+        model.to(device)
+        metrics = {"perplexity": perplexity(model, windows, cfg.eval.batch_size, device, cfg.progress)}
+        if cfg.eval.tasks:
+            from ptq.eval.harness import evaluate_tasks
+
+            accuracy = evaluate_tasks(model, tokenizer, list(cfg.eval.tasks), cfg.eval.limit, cfg.eval.batch_size,
+                                      cfg.eval.num_fewshot, device, cfg.seed)
+            metrics.update({f"{task}/{name}": value for task, values in accuracy.items()
+                            for name, value in values.items()})
+        model.to("cpu")
+        return metrics
+
+    return Workload(model, mapping_for(model), samples, windows, int(windows.numel()), evaluate)
+
+
+def classifier(cfg: DictConfig, device: str) -> Workload:
+    """The digits MLP (``ptq.models.digits``): trained at load time with ``seed``, calibrated on every training
+    image, scored by test accuracy. Of ``data`` only ``batch_size`` applies."""
+    if cfg.eval.tasks:
+        raise ConfigError(f"eval.tasks={list(cfg.eval.tasks)!r}: model.kind=classifier is scored by accuracy; "
+                          "allowed is []")
+    split = digits.load_digits_split(cfg.seed)
+    model = digits.train_mlp(split, cfg.seed)
+
+    def evaluate() -> dict[str, float]:
+        model.to(device)
+        metrics = {"accuracy": digits.accuracy(model, split.test_x, split.test_y, device=device)}
+        model.to("cpu")
+        return metrics
+
+    return Workload(model, digits.MAPPING, split.train_x, split.test_x, len(split.test_x), evaluate)
+
+
+WORKLOADS: dict[str, Callable[[DictConfig, str], Workload]] = {"causal_lm": language_model, "classifier": classifier}
+
+
 def model_size(model: torch.nn.Module) -> dict[str, float]:
     """Sizes in MB at fp16 and as quantized (quantized Linears at their bits per weight, scales included), and the
     average bits per weight of the whole model and of its quantized Linears. Tied parameters count once."""
     bits_of = {id(m.weight): m.weight_spec.bits_per_weight(m.in_features)
-               for m in model.modules() if isinstance(m, FakeQuantLinear)}
+               for m in model.modules() if isinstance(m, (FakeQuantLinear, LLMInt8Linear))}
     params = {id(p): p for p in model.parameters()}
     numel = sum(p.numel() for p in params.values())
     quantized_bits = sum(p.numel() * bits_of.get(key, 16) for key, p in params.items())
@@ -68,6 +128,12 @@ def model_size(model: torch.nn.Module) -> dict[str, float]:
         "bits_per_weight": quantized_bits / numel,
         "linear_bits_per_weight": linear_bits / linear_numel if linear_numel else 16.0,
     }
+
+
+def stored_bytes(model: torch.nn.Module) -> int:
+    """Bytes the model really holds: every distinct parameter and buffer (packed integers included)."""
+    tensors = {id(t): t for t in [*model.parameters(), *model.buffers()]}
+    return sum(t.numel() * t.element_size() for t in tensors.values())
 
 
 def baseline_key(cfg: DictConfig, windows: torch.Tensor) -> str:
@@ -119,23 +185,9 @@ def run(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
     tracker = Tracker(container["logger"], container, output_dir, run_name(cfg))
 
     with timer.stage("load"):
-        model, tokenizer = load_model(cfg)
-        tokens = load_tokens(cfg.data.name, tokenizer, cfg.data.path)
-        samples = calibration_samples(tokens.calibration, cfg.data.n_samples, cfg.data.seq_len, cfg.seed)
-        windows = evaluation_windows(tokens.evaluation, cfg.eval.seq_len, cfg.eval.max_windows)
-
-    def evaluate() -> dict[str, float]:
-        model.to(device)
-        metrics = {"perplexity": perplexity(model, windows, cfg.eval.batch_size, device, cfg.progress)}
-        if cfg.eval.tasks:
-            from ptq.eval.harness import evaluate_tasks
-
-            accuracy = evaluate_tasks(model, tokenizer, list(cfg.eval.tasks), cfg.eval.limit, cfg.eval.batch_size,
-                                      cfg.eval.num_fewshot, device, cfg.seed)
-            metrics.update({f"{task}/{name}": value for task, values in accuracy.items()
-                            for name, value in values.items()})
-        model.to("cpu")
-        return metrics
+        work = WORKLOADS[cfg.model.kind](cfg, device)
+    model, samples, windows, evaluate = work.model, work.samples, work.eval_data, work.evaluate
+    probe = Diagnostics() if cfg.diagnostics else None
 
     baseline, from_cache = {}, False
     if cfg.eval.baseline:
@@ -143,14 +195,18 @@ def run(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
             baseline, from_cache = cached_baseline(cfg, windows, evaluate)
 
     with timer.stage("calibrate"):
-        layers = calibrate(model, mapping_for(model), samples, steps, device, cfg.data.batch_size,
-                           cfg.method.propagate, cfg.progress)
+        for step in steps:
+            if hasattr(step, "prepare"):  # a step that sees the whole model first (mixed precision's pre-pass)
+                step.prepare(model, work.mapping, samples, cfg.data.batch_size, device)
+        layers = calibrate(model, work.mapping, samples, probe.wrap(steps) if probe else steps, device,
+                           cfg.data.batch_size, cfg.method.propagate, cfg.progress)
+    size = model_size(model)
     if cfg.backend != "fake":
         from ptq.packed import convert
 
         with timer.stage("convert"):
             model = convert(model, cfg.backend)
-    size = model_size(model)
+        size["packed_mb"] = stored_bytes(model) / 2**20
 
     with timer.stage("eval_quantized"):
         quantized = evaluate()
@@ -161,7 +217,7 @@ def run(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
         "metrics": {"baseline": baseline, "quantized": quantized},
         "baseline_from_cache": from_cache,
         "eval_windows": int(windows.shape[0]),
-        "eval_tokens": int(windows.numel()),
+        "eval_tokens": work.eval_tokens,
         "size": size,
         "timings_s": timer.seconds,
         "layers": layers,
@@ -172,6 +228,8 @@ def run(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
     }
     path = write_results(output_dir, results)
     tracker.log_layers(layers)
+    if probe is not None:
+        tracker.log_images(probe.write_plots(layers, output_dir))
     tracker.finish(flat_summary(results), path)
     print(summary_table(results))
     return results

@@ -24,6 +24,8 @@ def summary_table(results: dict[str, Any]) -> str:
     rows.append(("bits per weight (model)", 16.0, size["bits_per_weight"]))
     rows.append(("bits per weight (linears)", 16.0, size["linear_bits_per_weight"]))
     rows.append(("size (MB)", size["fp16_mb"], size["quantized_mb"]))
+    if "packed_mb" in size:
+        rows.append(("stored in memory (MB)", None, size["packed_mb"]))
     width = max(len(r[0]) for r in rows) + 2
     cached = " (cached)" if results.get("baseline_from_cache") else ""
     lines = [f"ptq · {results['method']} · {results['eval_windows']} eval windows",

@@ -64,9 +64,8 @@ def _config(name: str) -> Callable[[], object]:
     }[name]
 
 
-FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "gemma3", "phi3", "opt", "opt-350m",
-            "gpt2",
-            "falcon-7b", "falcon-40b", "falcon-rw"]
+FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "gemma3", "phi3", "opt",
+            "opt-350m", "gpt2", "falcon-7b", "falcon-40b", "falcon-rw"]
 
 
 @torch.no_grad()

@@ -55,3 +55,11 @@ def test_a_completed_run_is_skipped_and_an_interrupted_one_recomputed(tiny_confi
     (tmp_path / "results.json").write_text(json.dumps(results))
     recomputed = run(cfg, tmp_path)
     assert recomputed["complete"] and recomputed["timings_s"] != first["timings_s"]
+
+
+def test_packed_torch_backend_matches_fake_quant(tiny_config, tmp_path):
+    fake = run(tiny_config("method=gptq", "bits=4", "group_size=32"), tmp_path / "fake")
+    packed = run(tiny_config("method=gptq", "bits=4", "group_size=32", "backend=torch"), tmp_path / "packed")
+    assert packed["metrics"]["quantized"]["perplexity"] == pytest.approx(
+        fake["metrics"]["quantized"]["perplexity"], rel=1e-3)
+    assert packed["size"]["packed_mb"] < fake["size"]["fp16_mb"] * 2  # the fp32 embeddings dominate a tiny model

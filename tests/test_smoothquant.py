@@ -61,7 +61,7 @@ def tiny_llama_with_outliers(seed: int = 0):
     for layer in model.model.layers:
         for norm in (layer.input_layernorm, layer.post_attention_layernorm):
             norm.weight.normal_(1.0, 0.3)
-            norm.weight[[5, 21, 40]] *= 30
+            norm.weight[[5, 21, 40]] *= 60
     return model
 
 

@@ -5,7 +5,8 @@ Two kinds of linear layer run on packed integers:
 - **W4A16 / W8A16** (weight-only; GPTQ, Frantar et al. 2023; AWQ, Lin et al. 2024): y = x · Ŵᵀ + b with
   Ŵ = s · (q − z) per group of input features. Here Ŵ is rebuilt (dequantized) and multiplied in x's dtype.
 - **W8A8** (SmoothQuant, Xiao et al. 2023, §3 and eq. 1–2): the activation is quantized per token on the fly,
-  x ≈ s_x · q_x with s_x = max|x_row| / 127, the weight per output channel, W ≈ s_w · q_w, and
+  x ≈ s_x · q_x with s_x from the row's max|x| (``ptq.affine``'s symmetric convention), the weight per output
+  channel, W ≈ s_w · q_w, and
   y = s_x · s_w · (q_x · q_wᵀ) + b with the integer product accumulated exactly in int32.
 
 Kernel layouts (shared with ``triton_w4a16`` / ``triton_w8a8``; see docs/kernels.md):
@@ -85,7 +86,7 @@ def dequantize_weight(
     Computed in fp32 and rounded once, which is what the Triton dequantize kernel does.
     """
     if qweight.dtype == torch.int32:
-        stored = unpack_int4(qweight.t())[:, :in_features].to(torch.int32)
+        stored = unpack_int4_weight(qweight, in_features, symmetric=False)  # raw nibbles
         implicit_zero = INT4_SYM_OFFSET
     else:
         stored = qweight.to(torch.int32)
@@ -116,7 +117,8 @@ def weight_only_linear(
 
 
 def quantize_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Dynamic symmetric int8 per token: x [M, K] → (q int8 [M, K], fp32 scales [M, 1]), s = max|x_row| / 127."""
+    """Dynamic symmetric int8 per token: x [M, K] → (q int8 [M, K], fp32 scales [M, 1]) as ``ptq.affine`` makes
+    them (``minmax_qparams``, ``quantize``)."""
     scale, zero = minmax_qparams(x.float(), TOKEN_INT8)
     return quantize(x, scale, zero, TOKEN_INT8).to(torch.int8), scale
 

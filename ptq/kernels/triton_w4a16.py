@@ -48,7 +48,9 @@ MIN_GROUP_MULTIPLE = 32
 
 
 INTERPRETED = interpreter_on()
-"""Read once, when the kernels below are decorated: ``triton.jit`` makes interpreted functions iff it is set."""
+"""Read once, when the kernels below are decorated: ``triton.jit`` makes interpreted functions iff it is set.
+The kernels call only Triton builtins and their own helpers, not ``triton.language.standard``'s jit functions
+(``tl.cdiv``, ``tl.zeros``, ``tl.max``), so they also interpret when Triton was imported before the flag was set."""
 
 
 @triton.jit
@@ -85,8 +87,8 @@ def _w4a16_kernel(
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
     # Grouped tile order: GROUP_M row-tiles share the weight columns they stream, which stay in L2.
-    num_m = tl.cdiv(M, BLOCK_M)
-    num_n = tl.cdiv(N, BLOCK_N)
+    num_m = (M + BLOCK_M - 1) // BLOCK_M
+    num_n = (N + BLOCK_N - 1) // BLOCK_N
     width = GROUP_M * num_n
     first_m = (pid // width) * GROUP_M
     rows = tl.minimum(num_m - first_m, GROUP_M)
@@ -103,7 +105,7 @@ def _w4a16_kernel(
 
     k_start = pid_k * K_PER_SPLIT
     k_stop = tl.minimum(k_start + K_PER_SPLIT, K)
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc = tl.full((BLOCK_M, BLOCK_N), 0, tl.float32)
     for k0 in range(k_start, k_stop, BLOCK_K):
         offs_k = k0 + rk
         x = tl.load(x_ptr + rm[:, None] * stride_xm + offs_k[None, :], mask=(offs_k < K)[None, :], other=0.0)
@@ -139,7 +141,7 @@ def _splitk_reduce_kernel(
     """out[m, n] = Σ_s part[s, m, n] (+ b[n]), cast to out's dtype."""
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     valid = offs < M * N
-    acc = tl.zeros((BLOCK,), dtype=tl.float32)
+    acc = tl.full((BLOCK,), 0, tl.float32)
     for s in range(SPLIT_K):
         acc += tl.load(part_ptr + s * M * N + offs, mask=valid, other=0.0)
     n = offs % N

@@ -3,8 +3,8 @@
 Two kernels (SmoothQuant §3, eq. 1–2 with per-token activation and per-channel weight scales):
 
 1. ``quantize_per_token``: one program per row, two passes over K (max |x|, then q = round(x / s)); s =
-   max(max|x|, 1e-8) / 127 in fp32, IEEE division (``div_rn``) and round-half-to-even, so q and s equal
-   ``reference.quantize_per_token`` bit for bit.
+   max(max|x|, 1e-8) / HALF_RANGE in fp32, IEEE division (``div_rn``), round-half-to-even and a clamp to
+   [−128, 127], so q and s equal ``reference.quantize_per_token`` (that is, ``ptq.affine``) bit for bit.
 2. ``scaled_int8_linear``: int8 × int8 → int32 with ``tl.dot`` (exact), epilogue y = acc · s_x[m] · s_w[n] (+ b)
    in fp32, written in fp16/bf16/fp32. The weight is int8 [N, K] with K contiguous, the column-major RHS that
    int8 tensor cores (and ``torch._int_mm``) expect.
@@ -20,12 +20,22 @@ import torch
 import triton
 import triton.language as tl
 
+from ptq import affine
 from ptq.kernels.dispatch import interpreter_on
+from ptq.kernels.reference import TOKEN_INT8
 
 INTERPRETED = interpreter_on()
-"""Read once, when the kernels below are decorated: ``triton.jit`` makes interpreted functions iff it is set."""
-QMAX = tl.constexpr(127.0)
-EPS = tl.constexpr(1e-8)  # as ptq.affine.EPS
+"""Read once, when the kernels below are decorated: ``triton.jit`` makes interpreted functions iff it is set.
+The kernels call only Triton builtins and their own helpers, not ``triton.language.standard``'s jit functions
+(``tl.cdiv``, ``tl.zeros``, ``tl.max``), so they also interpret when Triton was imported before the flag was set."""
+HALF_RANGE = tl.constexpr((TOKEN_INT8.qmax - TOKEN_INT8.qmin) / 2)
+"""ptq.affine's symmetric scale is max|x| / ((qmax − qmin) / 2) = max|x| / 127.5 for int8."""
+EPS = tl.constexpr(affine.EPS)
+
+
+@triton.jit
+def _max(a, b):
+    return tl.maximum(a, b)
 
 
 @triton.jit
@@ -38,15 +48,15 @@ def _round_half_even(v):
 
 @triton.jit
 def _act_quant_kernel(x_ptr, q_ptr, s_ptr, K, stride_xm, stride_qm, BLOCK: tl.constexpr):
-    """Row m: s = max(max|x|, eps) / 127, q = clamp(round(x / s), −128, 127)."""
+    """Row m: s = max(max|x|, eps) / HALF_RANGE, q = clamp(round(x / s), −128, 127)."""
     row = tl.program_id(0)
     x_row = x_ptr + row * stride_xm
     offs = tl.arange(0, BLOCK)
-    amax = tl.zeros((BLOCK,), dtype=tl.float32)
+    amax = tl.full((BLOCK,), 0, tl.float32)
     for k0 in range(0, K, BLOCK):
         x = tl.load(x_row + k0 + offs, mask=k0 + offs < K, other=0.0).to(tl.float32)
         amax = tl.maximum(amax, tl.abs(x))
-    scale = tl.math.div_rn(tl.maximum(tl.max(amax, axis=0), EPS), QMAX)
+    scale = tl.math.div_rn(tl.maximum(tl.reduce(amax, 0, _max), EPS), HALF_RANGE)
     tl.store(s_ptr + row, scale)
     for k0 in range(0, K, BLOCK):
         x = tl.load(x_row + k0 + offs, mask=k0 + offs < K, other=0.0).to(tl.float32)
@@ -76,8 +86,8 @@ def _w8a8_kernel(
 ):
     """One [BLOCK_M, BLOCK_N] tile of (q_a · q_wᵀ) · s_a · s_w (+ b), int32 accumulation."""
     pid = tl.program_id(0)
-    num_m = tl.cdiv(M, BLOCK_M)
-    num_n = tl.cdiv(N, BLOCK_N)
+    num_m = (M + BLOCK_M - 1) // BLOCK_M
+    num_n = (N + BLOCK_N - 1) // BLOCK_N
     width = GROUP_M * num_n
     first_m = (pid // width) * GROUP_M
     rows = tl.minimum(num_m - first_m, GROUP_M)
@@ -89,7 +99,7 @@ def _w8a8_kernel(
     rm = offs_m % M
     rn = offs_n % N
     rk = tl.arange(0, BLOCK_K)
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
+    acc = tl.full((BLOCK_M, BLOCK_N), 0, tl.int32)
     for k0 in range(0, K, BLOCK_K):
         offs_k = k0 + rk
         in_k = offs_k < K

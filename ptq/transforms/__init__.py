@@ -14,10 +14,13 @@ from ptq.calibrate import Transform
 from ptq.spec import QuantSpec
 from ptq.transforms.awq import AWQ
 from ptq.transforms.gptq import GPTQ
+from ptq.transforms.llm_int8 import LLMInt8
+from ptq.transforms.mixed_precision import MixedPrecision
 from ptq.transforms.rtn import RTN
 from ptq.transforms.smoothquant import SmoothQuant
 
-TRANSFORMS: dict[str, Callable[..., Transform]] = {"rtn": RTN, "gptq": GPTQ, "awq": AWQ, "smoothquant": SmoothQuant}
+TRANSFORMS: dict[str, Callable[..., Transform]] = {"rtn": RTN, "gptq": GPTQ, "awq": AWQ, "smoothquant": SmoothQuant,
+                                                   "llm_int8": LLMInt8, "mixed": MixedPrecision}
 
 OBSERVER_KEY = "name"
 

@@ -288,9 +288,17 @@ class GPTQ(Quantizer):
         return [ctx.mapping.linear_names]
 
     def observe(self, ctx: BlockContext, names: list[str]) -> dict[str, HessianAccumulator]:
+        """One H per distinct input: linears of a mapping group (q, k, v; gate, up) read the same tensor."""
         dtype = HESSIAN_DTYPES[self.hessian_dtype]
-        hessians = {name: HessianAccumulator(ctx.module(name).in_features, dtype, ctx.device) for name in names}
-        ctx.stream({name: acc.add for name, acc in hessians.items()})
+        hessians: dict[str, HessianAccumulator] = {}
+        observed: dict[str, HessianAccumulator] = {}
+        for group in ctx.mapping.groups:
+            members = [name for name in group.linears if name in names]
+            if members:
+                accumulator = HessianAccumulator(ctx.module(members[0]).in_features, dtype, ctx.device)
+                observed[members[0]] = accumulator
+                hessians.update(dict.fromkeys(members, accumulator))
+        ctx.stream({name: acc.add for name, acc in observed.items()})
         return hessians
 
     def quantize_weight(self, name: str, weight: torch.Tensor, inputs: HessianAccumulator) -> QuantizedWeight:
