@@ -59,3 +59,11 @@ def test_validate_names_the_key(tiny_config, override, needle):
 def test_group_size_null_means_per_channel(tiny_config):
     (step,) = validate(tiny_config("group_size=null", "bits=8"))
     assert step.weight.granularity == "channel" and step.weight.bits == 8
+
+
+def test_a_rescaler_after_a_quantizer_is_rejected(tiny_config):
+    cfg = tiny_config("method=awq")
+    steps = list(cfg.method.steps)
+    cfg.method.steps = [steps[1], steps[0]]
+    with pytest.raises(ConfigError, match="rescalers"):
+        validate(cfg)

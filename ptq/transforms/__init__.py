@@ -67,4 +67,10 @@ def build_step(step: dict[str, Any], observer: dict[str, Any], index: int) -> Tr
 def build_steps(steps: list[dict[str, Any]], observer: dict[str, Any]) -> list[Transform]:
     if not steps:
         raise ValueError("method.steps=[]: a method needs at least one step")
-    return [build_step(step, observer, i) for i, step in enumerate(steps)]
+    built = [build_step(step, observer, i) for i, step in enumerate(steps)]
+    rescalers = [getattr(step, "rescaler", False) for step in built]
+    if any(later and not earlier for earlier, later in zip(rescalers, rescalers[1:], strict=False)):
+        names = [step.name for step in built]
+        raise ValueError(f"method.steps={names}: rescalers (awq, smoothquant) must come before quantizers "
+                         "(rtn, gptq, ...), which would otherwise be rescaled after rounding")
+    return built

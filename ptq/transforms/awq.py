@@ -115,6 +115,22 @@ def clip(weight: torch.Tensor, max_val: torch.Tensor, spec: QuantSpec) -> torch.
     return torch.maximum(torch.minimum(weight, bound), -bound)
 
 
+def first_sequences(calls: list[tuple[tuple, dict]], samples: int | None) -> list[tuple[tuple, dict]]:
+    """The leading calls (calibration batches) that hold at least ``samples`` sequences; all when None.
+
+    Calibration windows are drawn at random, so the first batches are a random subset of them.
+    """
+    if samples is None:
+        return calls
+    kept, seen = [], 0
+    for args, kwargs in calls:
+        if seen >= samples:
+            break
+        kept.append((args, kwargs))
+        seen += main_input(args, kwargs).shape[0]
+    return kept
+
+
 def first_tensor(output: Any) -> torch.Tensor:
     return output[0] if isinstance(output, (tuple, list)) else output
 
@@ -132,10 +148,12 @@ class AWQ:
     max_shrink: float = 0.5
     clip_tokens: int = 512
     clip_skip: tuple[str, ...] = ("q_proj", "k_proj", "query", "key", "qkv", "c_attn")
+    search_samples: int | None = None  # calibration sequences the scale search evaluates (None: all of them)
     name: str = "awq"
     searches: dict[str, ScaleSearch] = field(default_factory=dict, init=False)  # "<block>.<prev>" → grid
 
     needs_data: ClassVar[bool] = True
+    rescaler: ClassVar[bool] = True  # changes weights without quantizing them: must run before a quantizer
 
     def __post_init__(self) -> None:
         check_observer(self.observer, self.observer_options, "observer.name")
@@ -144,6 +162,8 @@ class AWQ:
         if self.weight.granularity not in allowed:
             raise ValueError(f"weight.granularity={self.weight.granularity!r}: allowed for awq with "
                              f"clip_search={self.clip_search} are {', '.join(allowed)}")
+        if self.search_samples is not None and self.search_samples < 1:
+            raise ValueError(f"search_samples={self.search_samples!r}: allowed is a positive integer or null")
         for key in ("grid", "clip_grid", "clip_tokens"):
             if getattr(self, key) < 1:
                 raise ValueError(f"{key}={getattr(self, key)!r}: allowed is a positive integer")
@@ -171,9 +191,10 @@ class AWQ:
         for args, kwargs in calls[group.linears[0]]:
             stat.update(main_input(args, kwargs))
         inspect = ctx.module(group.inspect)
+        searched = first_sequences(calls[group.inspect], self.search_samples)
 
         def run() -> torch.Tensor:
-            outputs = [first_tensor(inspect(*args, **kwargs)) for args, kwargs in calls[group.inspect]]
+            outputs = [first_tensor(inspect(*args, **kwargs)) for args, kwargs in searched]
             return torch.cat([y.flatten() for y in outputs])
 
         return search_scales([ctx.module(n) for n in group.linears], stat.result(), run, self.quantize, self.grid)

@@ -64,6 +64,7 @@ class SmoothQuant:
     chosen_alpha: dict[int, float] = field(default_factory=dict, init=False)  # block index → α used
 
     needs_data: ClassVar[bool] = True
+    rescaler: ClassVar[bool] = True  # changes weights without quantizing them: must run before a quantizer
 
     def __post_init__(self) -> None:
         self.alpha_grid = tuple(self.alpha_grid)
