@@ -17,7 +17,7 @@ from collections.abc import Callable
 
 import torch
 
-from ptq.affine import fake_quantize, qparams_from_range, slots
+from ptq.affine import qparams_from_range, slots
 from ptq.spec import QuantSpec
 
 Qparams = tuple[torch.Tensor, torch.Tensor]
@@ -121,7 +121,7 @@ class MSEObserver(Observer):
     Σ|x − Q_r(x)|^p wins, independently per slot.
     """
 
-    def __init__(self, spec: QuantSpec, grid: int = 100, min_ratio: float = 0.5, norm: float = 2.4) -> None:
+    def __init__(self, spec: QuantSpec, grid: int = 50, min_ratio: float = 0.5, norm: float = 2.4) -> None:
         super().__init__(spec)
         if grid < 1:
             raise ValueError(f"grid={grid!r}: allowed is an integer >= 1")
@@ -151,7 +151,7 @@ class MSEObserver(Observer):
         best_scale, best_zero = qparams_from_range(low, high, self.spec)
         for ratio in torch.linspace(1.0, self.min_ratio, self.grid).tolist():
             scale, zero = qparams_from_range(low * ratio, high * ratio, self.spec)
-            err = slot_error(x, scale, zero, self.spec, self.norm, mask)
+            err = slot_error(view, scale, zero, self.spec, self.norm, mask)
             better = err < best_err
             best_err = torch.where(better, err, best_err)
             best_scale = torch.where(better, scale, best_scale)
@@ -159,12 +159,14 @@ class MSEObserver(Observer):
         return best_scale, best_zero
 
 
-def slot_error(
-    x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, spec: QuantSpec, norm: float, mask: torch.Tensor
-) -> torch.Tensor:
-    """Σ |x − Q(x)|^norm over the elements of each slot (padding masked out)."""
-    err = (fake_quantize(x, scale, zero, spec) - x).abs().pow(norm)
-    return (slots(err, spec, pad=0.0) * mask).sum(dim=-1)
+def slot_error(view: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, spec: QuantSpec, norm: float,
+               mask: torch.Tensor) -> torch.Tensor:
+    """Σ |x − Q(x)|^norm over the elements of each slot of ``view`` [..., S, L] (padding masked out)."""
+    s, z = scale.unsqueeze(-1), zero.unsqueeze(-1)
+    q = torch.clamp(torch.round(view / s) + z, spec.qmin, spec.qmax)
+    err = (s * (q - z) - view).abs()
+    err = err.square() if norm == 2 else err.pow(norm)
+    return (err * mask).sum(dim=-1)
 
 
 OBSERVERS: dict[str, Callable[..., Observer]] = {

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -31,17 +30,15 @@ BAD_OVERRIDES = [
 
 @pytest.mark.parametrize("overrides,needle", BAD_OVERRIDES, ids=lambda v: " ".join(v) if isinstance(v, list) else "")
 def test_bad_input_exits_with_one_line(overrides, needle, tmp_path):
-    start = time.monotonic()
     proc = subprocess.run([sys.executable, str(ROOT / "run.py"), "logger=none", *overrides,
                            f"hydra.run.dir={tmp_path}"], capture_output=True, text=True, timeout=60,
                           env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"})
-    elapsed = time.monotonic() - start
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert proc.returncode != 0
     assert len(lines) == 1, proc.stderr
     assert needle in lines[0] and "allowed" in lines[0]
     assert "Traceback" not in proc.stderr + proc.stdout
-    assert elapsed < 10, f"took {elapsed:.1f}s"
+    assert "Loading weights" not in proc.stderr + proc.stdout  # stopped before any model was read
     assert not (tmp_path / "results.json").exists()
 
 
