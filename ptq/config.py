@@ -14,8 +14,6 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
-from ptq.data import DATASETS
-from ptq.models.loading import DTYPES
 from ptq.spec import MAX_BITS, MIN_BITS
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
@@ -122,7 +120,8 @@ def _positive(key: str, value: Any, optional: bool = False) -> None:
 
 def validate(cfg: DictConfig) -> list[Any]:
     """Check every value that can be checked without loading a model; return the built method steps."""
-    from ptq.models.loading import ModelSourceError, check_available, resolve_source
+    from ptq.data import DATASETS
+    from ptq.models.loading import DTYPES, ModelSourceError, check_available, resolve_source
     from ptq.transforms import build_steps
 
     if not isinstance(cfg.bits, int) or not MIN_BITS <= cfg.bits <= MAX_BITS:
