@@ -21,6 +21,11 @@ The model is loaded by ptq (the embedded GGUF by default) and saved once as a Hu
 ``model.config.name_or_path``, which a GGUF directory does not have. Both sides check that they see the same
 full-precision model (perplexity on the first ``--check-windows`` windows).
 
+On a CPU shared with other jobs use ``--threads 1``: with more torch threads than free cores, OpenMP's
+spinning barriers make GPTQ's many small ops 10-100x slower and the timings meaningless. The thread count also
+changes float summation order, hence rounding decisions: expect perplexities to move by ~±2% between thread
+counts, on both sides.
+
 Setting up the peer (once; its torch must be installed first so that pip does not pull a CUDA build):
 
     python3 -m venv ../peer-venv
@@ -34,6 +39,7 @@ import functools
 import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -143,6 +149,33 @@ def without_gguf_marks(model: Any) -> Iterator[None]:
             model.config.quantization_config = config
 
 
+def cached_baseline(cfg: Any, windows: torch.Tensor, cache_dir: Path, compute: Any) -> float:
+    """The full-precision perplexity on these exact windows, computed once per (model, windows)."""
+    from omegaconf import OmegaConf
+
+    blob = json.dumps(OmegaConf.to_container(cfg.model, resolve=True), sort_keys=True).encode()
+    key = hashlib.sha256(blob + windows.numpy().tobytes()).hexdigest()[:24]
+    path = cache_dir.expanduser() / "baselines" / f"{key}.json"
+    if path.is_file():
+        return json.loads(path.read_text())["perplexity"]
+    value = compute()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"perplexity": value, "model": cfg.model.name, "windows": int(windows.shape[0])}))
+    return value
+
+
+def ptq_commit() -> str | None:
+    """ptq's git commit (with '+dirty' when the work tree has changes), for the record; None outside git."""
+    def git(*command: str) -> str:
+        return subprocess.run(["git", *command], cwd=REPO, capture_output=True, text=True, check=True).stdout.strip()
+
+    try:
+        dirty = git("status", "--porcelain", "--untracked-files=no")
+        return git("rev-parse", "--short", "HEAD") + ("+dirty" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return None
+
+
 def run_ptq(cfg: Any, steps: list[Any], model: torch.nn.Module, samples: torch.Tensor,
             windows: torch.Tensor) -> dict[str, Any]:
     from ptq.calibrate import calibrate
@@ -211,6 +244,8 @@ def report(args: argparse.Namespace, cfg: Any, results: dict[str, Any]) -> str:
                      f"{r['calibrate_s']:.1f}", ratio])
     head = (f"model {cfg.model.name} · data {cfg.data.name} · calibration {cfg.data.n_samples}×{cfg.data.seq_len} · "
             f"evaluation {results['eval_windows']}×{cfg.eval.seq_len} · torch threads {args.threads}\n"
+            f"ptq {results.get('ptq_commit')} · llm-compressor "
+            f"{results.get('peer', {}).get('versions', {}).get('llmcompressor', '-')}\n"
             f"fp baseline perplexity: {baseline:.4f}")
     checks = results.get("fp_check", {})
     if len(checks) == 2:
@@ -232,7 +267,7 @@ def main(argv: list[str] | None = None) -> None:
     from ptq.config import ConfigError, validate
     from ptq.data import calibration_samples, evaluation_windows, load_tokens
     from ptq.eval.perplexity import perplexity
-    from ptq.pipeline import cached_baseline, load_model
+    from ptq.models import load_pretrained, load_tokenizer, resolve_source
 
     cfg = compose(args)
     try:
@@ -240,19 +275,21 @@ def main(argv: list[str] | None = None) -> None:
     except ConfigError as error:
         raise SystemExit(f"error: {error}") from None
     torch.manual_seed(cfg.seed)
-    model, tokenizer = load_model(cfg)
+    source = resolve_source(cfg.model.source, cfg.model.gguf_file)
+    model, tokenizer = load_pretrained(source, cfg.model.dtype), load_tokenizer(source)
     tokens = load_tokens(cfg.data.name, tokenizer, cfg.data.path)
     samples = calibration_samples(tokens.calibration, cfg.data.n_samples, cfg.data.seq_len, cfg.seed)
     windows = evaluation_windows(tokens.evaluation, cfg.eval.seq_len, cfg.eval.max_windows)
     model_dir = export_hf(model, tokenizer, cfg, Path(args.cache_dir)) if args.skip != "peer" else None
 
     evaluate = functools.partial(perplexity, model, windows, cfg.eval.batch_size, "cpu", cfg.progress)
-    baseline, _ = cached_baseline(cfg, windows, evaluate)
-    results: dict[str, Any] = {"baseline_perplexity": baseline, "eval_windows": int(windows.shape[0]), "fp_check": {}}
+    baseline = cached_baseline(cfg, windows, Path(args.cache_dir), evaluate)
+    results: dict[str, Any] = {"baseline_perplexity": baseline, "eval_windows": int(windows.shape[0]), "fp_check": {},
+                               "ptq_commit": ptq_commit()}
     results["fp_check"]["ptq"] = perplexity(model, windows[: args.check_windows], cfg.eval.batch_size, "cpu", False)
 
-    with tempfile.TemporaryDirectory(prefix="ptq-compare-") as tmp:
-        work = Path(tmp)
+    work = Path(tempfile.mkdtemp(prefix="ptq-compare-"))
+    try:
         data = work / "data.pt"
         torch.save({"samples": samples, "windows": windows}, data)
         if args.skip != "ptq":
@@ -265,9 +302,13 @@ def main(argv: list[str] | None = None) -> None:
             results["llm-compressor"] = {"perplexity": peer["perplexity"], "calibrate_s": peer["calibrate_s"]}
             results["fp_check"]["llm-compressor"] = peer["fp_check_perplexity"]
             results["peer"] = peer
-    print(report(args, cfg, results))
+    except BaseException:
+        print(f"(inputs and logs kept in {work})", file=sys.stderr)
+        raise
+    shutil.rmtree(work, ignore_errors=True)
     if args.out:
         Path(args.out).write_text(json.dumps({"args": vars(args), **results}, indent=2, default=str))
+    print(report(args, cfg, results))
 
 
 if __name__ == "__main__":

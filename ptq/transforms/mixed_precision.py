@@ -6,15 +6,18 @@ replaced by its diagonal):
 
     E‖(W − Q_b(W)) x‖²  ≈  Ω_b(W) = Σ_j E[x_j²] · ‖W_:j − Q_b(W)_:j‖²
 
-from one full-precision pass over the calibration data. Each Linear l with n_l weights either stays at the low
-width b_lo or is raised to b_hi; raising it gains g_l = Ω_lo − Ω_hi. The budget is on the parameter-weighted mean
-of the nominal widths (scales not counted):
+from one full-precision pass over the calibration data. Each Linear l with n_l weights gets a width b_l between
+the low width ``weight.bits`` and ``high_bits`` (every integer in between is a candidate), under a budget on the
+parameter-weighted mean of the nominal widths (scales not counted):
 
-    Σ_l n_l b_l ≤ avg_bits · Σ_l n_l.
+    minimise Σ_l Ω_{b_l}(W_l)   subject to   Σ_l n_l b_l ≤ avg_bits · Σ_l n_l.
 
-Allocation is the greedy solution of this 0/1 knapsack (Dantzig 1957): raise layers in decreasing order of gain
-per extra stored bit, g_l / (n_l (b_hi − b_lo)), while the budget allows (a layer that does not fit is skipped and
-smaller ones are still tried). Each Linear is then quantized by RTN or GPTQ at its width.
+Allocation is greedy, as for the multiple-choice knapsack (Sinha & Zoltners 1979): every layer starts at the low
+width; each round raises the one layer, and to the one width, with the largest error reduction per extra stored
+bit, (Ω_b − Ω_b') / (n_l (b' − b)), among the raises the remaining budget allows; it stops when none is left.
+Error falls roughly 4× per bit, so an allocation that may only choose the two end widths rarely beats uniform bits at
+the same average: the intermediate widths are what make the trade worth it. Each Linear is then quantized by RTN or
+GPTQ at its width.
 
 The engine sees one block at a time, but the allocation is global: ``prepare`` (called by the pipeline before
 calibration) runs the pre-pass over all blocks and fixes every layer's width; ``apply`` quantizes block by block.
@@ -24,6 +27,7 @@ by the proxy.
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -92,24 +96,29 @@ def proxy_error(weight: torch.Tensor, second_moment: torch.Tensor, spec: QuantSp
     return float((second_moment.to(column_error) * column_error).sum())
 
 
-def allocate(params: dict[str, int], gain: dict[str, float], low_bits: int, high_bits: int,
-             avg_bits: float) -> dict[str, int]:
-    """Greedy 0/1 knapsack: the width of each layer such that Σ n_l b_l ≤ avg_bits · Σ n_l.
+def allocate(params: dict[str, int], errors: dict[str, dict[int, float]], avg_bits: float) -> dict[str, int]:
+    """Greedy widths b_l ∈ errors[l] (each layer's Ω per candidate width) with Σ n_l b_l ≤ avg_bits · Σ n_l.
 
-    Layers are raised from ``low_bits`` to ``high_bits`` in decreasing order of gain per extra bit; one that does
-    not fit the remaining budget is skipped.
+    All layers start at their lowest width; each round applies the affordable raise with the largest error
+    reduction per extra bit, until no raise both fits and reduces the error.
     """
-    if not low_bits <= avg_bits:
-        raise ValueError(f"avg_bits={avg_bits!r}: allowed is a number >= the low width {low_bits}")
-    extra = high_bits - low_bits
-    budget = (avg_bits - low_bits) * sum(params.values())  # extra bits left to spend
-    bits = dict.fromkeys(params, low_bits)
-    for name in sorted(params, key=lambda n: gain[n] / (params[n] * extra), reverse=True):
-        cost = params[name] * extra
-        if gain[name] > 0 and cost <= budget + 1e-6:
-            bits[name] = high_bits
-            budget -= cost
-    return bits
+    bits = {name: min(errors[name]) for name in params}
+    budget = avg_bits * sum(params.values()) - sum(params[name] * bits[name] for name in params)
+    if budget < -1e-6:
+        raise ValueError(f"avg_bits={avg_bits!r}: allowed is a number >= the lowest width")
+    while True:
+        best, best_rate = None, 0.0
+        for name, n in params.items():
+            now = bits[name]
+            for width, error in errors[name].items():
+                cost = n * (width - now)
+                if width > now and cost <= budget + 1e-6 and (errors[name][now] - error) / cost > best_rate:
+                    best, best_rate = (name, width), (errors[name][now] - error) / cost
+        if best is None:
+            return bits
+        name, width = best
+        budget -= params[name] * (width - bits[name])
+        bits[name] = width
 
 
 def average_bits(params: dict[str, int], bits: dict[str, int]) -> float:
@@ -119,7 +128,7 @@ def average_bits(params: dict[str, int], bits: dict[str, int]) -> float:
 
 @dataclass
 class MixedPrecision(Quantizer):
-    """The ``mixed`` step. ``weight`` is the spec at the low width (``weight.bits``); ``high_bits`` the raised one.
+    """The ``mixed`` step. ``weight`` is the spec at the low width (``weight.bits``); ``high_bits`` the highest.
 
     ``quantizer`` (rtn | gptq) rounds each layer at its width; ``quantizer_options`` are its own options (GPTQ's
     block_size, damp_percent, act_order, …).
@@ -131,7 +140,7 @@ class MixedPrecision(Quantizer):
     quantizer_options: dict[str, Any] = field(default_factory=dict)
     name: str = "mixed"
     bits_of: dict[str, int] = field(default_factory=dict, init=False)  # layer → width, set by ``prepare``
-    gain_of: dict[str, float] = field(default_factory=dict, init=False)  # layer → Ω_lo − Ω_hi
+    errors_of: dict[str, dict[int, float]] = field(default_factory=dict, init=False)  # layer → {width: Ω}
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -143,7 +152,7 @@ class MixedPrecision(Quantizer):
         if not self.weight.bits <= self.avg_bits <= self.high_bits:
             raise ValueError(f"avg_bits={self.avg_bits!r}: allowed is a number in "
                              f"[{self.weight.bits}, {self.high_bits}]")
-        specs = {bits: replace(self.weight, bits=bits) for bits in (self.weight.bits, self.high_bits)}
+        specs = {bits: replace(self.weight, bits=bits) for bits in range(self.weight.bits, self.high_bits + 1)}
         self._quantizers = {
             bits: QUANTIZERS[self.quantizer](weight=spec, observer=self.observer,
                                              observer_options=self.observer_options, **self.quantizer_options)
@@ -157,7 +166,7 @@ class MixedPrecision(Quantizer):
     @torch.no_grad()
     def prepare(self, model: nn.Module, mapping: Mapping, samples: torch.Tensor, batch_size: int,
                 device: torch.device | str) -> None:
-        """The pre-pass: E[x²] of every Linear, its proxy gain, and the allocation of widths."""
+        """The pre-pass: E[x²] of every Linear, its proxy error at every width, and the allocation of widths."""
         moments = input_second_moments(model, mapping, samples, batch_size, device)
         blocks = blocks_of(model, mapping)
         params: dict[str, int] = {}
@@ -165,14 +174,15 @@ class MixedPrecision(Quantizer):
             for name in mapping.linear_names:
                 qualified = f"{mapping.blocks}.{index}.{name}"
                 weight = block.get_submodule(name).weight.data
-                errors = [proxy_error(weight, moments[qualified], q.weight, self.observer, self.observer_options)
-                          for q in self._quantizers.values()]
-                self.gain_of[qualified] = errors[0] - errors[1]
+                self.errors_of[qualified] = {
+                    bits: proxy_error(weight, moments[qualified], q.weight, self.observer, self.observer_options)
+                    for bits, q in self._quantizers.items()}
                 params[qualified] = weight.numel()
-        self.bits_of = allocate(params, self.gain_of, self.weight.bits, self.high_bits, self.avg_bits)
-        raised = sum(bits == self.high_bits for bits in self.bits_of.values())
-        print(f"mixed precision: {raised}/{len(params)} linears at {self.high_bits} bits, the rest at "
-              f"{self.weight.bits}; {average_bits(params, self.bits_of):.3f} average bits (budget {self.avg_bits})")
+        self.bits_of = allocate(params, self.errors_of, self.avg_bits)
+        counts = Counter(self.bits_of.values())
+        layers = ", ".join(f"{counts[bits]} at {bits}" for bits in sorted(counts))
+        print(f"mixed precision: linears {layers} bits; {average_bits(params, self.bits_of):.3f} average bits "
+              f"(budget {self.avg_bits})")
 
     def apply(self, ctx: BlockContext) -> None:
         if not self.bits_of:
@@ -187,6 +197,7 @@ class MixedPrecision(Quantizer):
                 weight = linear.weight.data.float()
                 result = quantizer.quantize_weight(qualified, weight, stats[name])
                 swap_to_fake_quant(ctx.block, name, linear, quantizer.weight, result)
-                ctx.logs[qualified] = {**layer_log(quantizer.weight, weight, result), "gain": self.gain_of[qualified]}
+                proxy = self.errors_of[qualified][quantizer.weight.bits]
+                ctx.logs[qualified] = {**layer_log(quantizer.weight, weight, result), "proxy_error": proxy}
         if self.activations is not None:
             attach_activation_quantizers(ctx, self.activations, self.act_observer, self.act_observer_options)
