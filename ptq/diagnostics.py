@@ -226,11 +226,12 @@ def plot_layer_sqnr(names: list[str], weight_db: list[float], output_db: list[fl
     ax.barh(rows - 0.2, _finite(weight_db), height=0.4, label="weight: 10 log10(‖W‖² / ‖W − Ŵ‖²)")
     ax.barh(rows + 0.2, _finite(output_db), height=0.4, label="output: 10 log10(‖y‖² / ‖ŷ − y‖²)")
     ax.set_yticks(rows, names, fontsize=7)
-    ax.invert_yaxis()
+    ax.set_ylim(len(names) - 0.5, -0.5)  # first layer on top, no margins
     ax.set_xlabel("SQNR (dB, higher is better)")
-    ax.set_title("Quantization error per layer")
+    ax.tick_params(axis="x", labeltop=True, top=True)
     ax.grid(axis="x", alpha=0.3)
-    ax.legend(loc="lower right", fontsize=8)
+    ax.set_title("Quantization error per layer")
+    fig.legend(loc="outside lower center", ncols=2, fontsize=8)
     fig.savefig(path, dpi=100)
     return path
 

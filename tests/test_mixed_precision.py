@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import itertools
 import random
 
 import pytest
@@ -72,6 +73,21 @@ def test_proxy_is_the_output_error_for_uncorrelated_inputs():
     assert proxy_error(weight, x.pow(2).mean(dim=0), W3) == pytest.approx(float(measured), rel=0.03)
 
 
+def test_relative_sensitivity_does_not_depend_on_the_scale_of_a_layer():
+    """Scaling a layer's inputs by c scales its output error by c² but leaves its noise-to-signal ratio alone."""
+    torch.manual_seed(0)
+    model = DigitsMLP(features=16, hidden=(32, 24), classes=8)
+    samples = torch.rand(64, 16)
+    sensitivities = {}
+    for c, kind in itertools.product((1.0, 10.0), ("output", "relative")):
+        step = MixedPrecision(weight=W3, high_bits=5, avg_bits=4.0, sensitivity=kind)
+        step.prepare(copy.deepcopy(model), MAPPING, samples * c, 16, "cpu")
+        sensitivities[c, kind] = step.errors_of["layers.0.fc1"]
+    for bits in range(3, 6):
+        assert sensitivities[10.0, "output"][bits] == pytest.approx(100 * sensitivities[1.0, "output"][bits], rel=1e-4)
+        assert sensitivities[10.0, "relative"][bits] == pytest.approx(sensitivities[1.0, "relative"][bits], rel=1e-4)
+
+
 def sensitive_mlp() -> DigitsMLP:
     """fc2 reads a dead input channel whose weights are 50× the rest: they set every row's range (per-channel
     grid) but never touch the output, so fc2 rounds to nothing at low widths: one very sensitive layer."""
@@ -122,6 +138,8 @@ def test_apply_without_prepare_and_bad_options_fail_clearly():
         MixedPrecision(weight=W3, high_bits=3)
     with pytest.raises(ValueError, match="quantizer"):
         MixedPrecision(weight=W3, quantizer="awq")
+    with pytest.raises(ValueError, match="sensitivity"):
+        MixedPrecision(weight=W3, sensitivity="fisher")
 
 
 def test_pipeline_mixed_with_gptq_logs_the_chosen_widths(tiny_config, tmp_path):
@@ -130,6 +148,6 @@ def test_pipeline_mixed_with_gptq_logs_the_chosen_widths(tiny_config, tmp_path):
     layers = results["layers"]
     widths = {row["bits"] for row in layers.values()}
     assert widths <= set(range(3, 9)) and len(widths) > 1
-    assert all(row["loss"] is not None and row["proxy_error"] >= 0 for row in layers.values())
+    assert all(row["loss"] is not None and row["sensitivity"] >= 0 for row in layers.values())
     # 3 + 16/32 bits of scales at the low width; the nominal average is at most 4, so storage is at most 4.5
     assert 3.5 < results["size"]["linear_bits_per_weight"] <= 4.5 + 1e-6
