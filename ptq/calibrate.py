@@ -153,6 +153,8 @@ def _to(value: Any, device: torch.device) -> Any:
         return value.to(device)
     if isinstance(value, (tuple, list)):
         return type(value)(_to(v, device) for v in value)
+    if isinstance(value, dict):
+        return {key: _to(v, device) for key, v in value.items()}
     return value
 
 
