@@ -16,7 +16,7 @@ register_configs()
 
 @hydra.main(config_path="configs", config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> float:
-    """One run; returns the quantized perplexity, the objective an Optuna sweep minimises."""
+    """One run; returns what an Optuna sweep minimises: perplexity (language models) or −accuracy (classifiers)."""
     from ptq.pipeline import run
 
     try:
@@ -24,7 +24,8 @@ def main(cfg: DictConfig) -> float:
     except ConfigError as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
-    return float(results["metrics"]["quantized"]["perplexity"])
+    quantized = results["metrics"]["quantized"]
+    return float(quantized.get("perplexity", -quantized.get("accuracy", 0.0)))
 
 
 if __name__ == "__main__":
