@@ -82,10 +82,6 @@ def set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
     setattr(root.get_submodule(parent_name) if parent_name else root, child, module)
 
 
-def linear_weight(module: nn.Module) -> torch.Tensor:
-    """The [out, in] weight of a Linear (or of a FakeQuantLinear being re-quantized)."""
-    return module.weight.data
-
 
 def as_linears(root: nn.Module) -> nn.Module:
     """Replace every Conv1D inside ``root`` by the nn.Linear that computes the same map (weight transposed).

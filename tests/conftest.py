@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
+import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 from hydra import compose, initialize_config_dir
@@ -31,3 +34,13 @@ def tiny_config(tmp_path):
         return compose_config([*TINY, *logger, *overrides], tmp_path)
 
     return make
+
+
+def load_make_table() -> Any:
+    """scripts/make_table.py as a module (scripts are not a package)."""
+    path = Path(__file__).resolve().parent.parent / "scripts" / "make_table.py"
+    spec = importlib.util.spec_from_file_location("make_table", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules.setdefault("make_table", module)  # dataclasses look their module up while the class is built
+    spec.loader.exec_module(module)
+    return module

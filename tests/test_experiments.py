@@ -8,13 +8,11 @@ bits, cell) is composed, and every value of the other keys (model, dataset) once
 
 from __future__ import annotations
 
-import importlib.util
 import itertools
-import sys
 from dataclasses import dataclass
-from typing import Any
 
 import pytest
+from conftest import load_make_table
 from hydra import compose, initialize_config_dir
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import DictConfig, OmegaConf
@@ -25,14 +23,6 @@ ROOT = CONFIG_DIR.parent
 EXPERIMENTS = CONFIG_DIR / "experiment"
 ROW_KEYS = ("method", "bits", "experiment/cells")
 PARTS = {"common/sweep_dirs", "cells/gptq_r"}  # included by other configs, not run by themselves
-
-
-def load_make_table() -> Any:
-    spec = importlib.util.spec_from_file_location("make_table", ROOT / "scripts" / "make_table.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules.setdefault("make_table", module)  # dataclasses look their module up while the class is built
-    spec.loader.exec_module(module)
-    return module
 
 
 make_table = load_make_table()

@@ -4,24 +4,15 @@ differences, and the Pareto plot."""
 from __future__ import annotations
 
 import csv
-import importlib.util
 import io
 import json
-import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import load_make_table
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def load_make_table() -> Any:
-    spec = importlib.util.spec_from_file_location("make_table", ROOT / "scripts" / "make_table.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules.setdefault("make_table", module)  # dataclasses look their module up while the class is built
-    spec.loader.exec_module(module)
-    return module
 
 
 make_table = load_make_table()
