@@ -38,6 +38,7 @@ class BlockContext:
     kwargs: list[dict[str, Any]]
     device: torch.device
     logs: dict[str, dict[str, Any]] = field(default_factory=dict)
+    known_outputs: list[torch.Tensor] | None = None  # set by a transform whose own pass already computed them
 
     def qualified(self, name: str) -> str:
         return f"{self.prefix}.{name}"
@@ -61,15 +62,64 @@ class BlockContext:
         self._run({name: _recorder(seen[name]) for name in names})
         return seen
 
+    @torch.no_grad()
+    def run_joined(self, hooks: dict[str, Callable[[nn.Module, tuple, dict], tuple | None]]) -> None:
+        """Run the block once on all calibration inputs joined into one batch, with forward pre-hooks.
+
+        ``hooks[name](module, args, kwargs)`` sees module ``name``'s input for every calibration token at once
+        and may return new ``(args, kwargs)``, or change the block, before the call proceeds. The block's outputs,
+        split back into the calibration batches, become ``known_outputs``.
+        """
+        x, kwargs = torch.cat(self.inputs), join_kwargs(self.kwargs, [i.shape[0] for i in self.inputs])
+        handles = [self.block.get_submodule(name).register_forward_pre_hook(fn, with_kwargs=True)
+                   for name, fn in hooks.items()]
+        try:
+            output = _first(self.block(x, **kwargs))
+        finally:
+            for handle in handles:
+                handle.remove()
+        self.known_outputs = list(output.split([i.shape[0] for i in self.inputs]))
+
     def _run(self, hooks: dict[str, Callable[[tuple, dict], None]]) -> None:
         with _input_hooks(self.block, hooks):
             for x, kw in zip(self.inputs, self.kwargs, strict=False):
                 self.block(x, **kw)
 
 
+def join_kwargs(kwargs: list[dict[str, Any]], sizes: list[int]) -> dict[str, Any]:
+    """One batch's keyword arguments from several batches' (of ``sizes`` rows each).
+
+    A tensor whose first dimension is each batch's size (an attention mask [B, 1, T, T]) is concatenated;
+    anything else (rotary cos/sin [1, T, d], position ids [1, T], flags) must be the same in every batch.
+    """
+    return {key: _join([kw[key] for kw in kwargs], sizes, key) for key in kwargs[0]}
+
+
+def _join(values: list[Any], sizes: list[int], key: str) -> Any:
+    first = values[0]
+    if isinstance(first, torch.Tensor):
+        batched = first.dim() > 0 and all(v.shape[0] == n for v, n in zip(values, sizes, strict=True))
+        if batched and not (first.shape[0] == 1 and all(torch.equal(v, first) for v in values)):
+            return torch.cat(values)
+        if all(v.shape == first.shape and torch.equal(v, first) for v in values):
+            return first
+    elif isinstance(first, (tuple, list)):
+        return type(first)(_join(list(parts), sizes, key) for parts in zip(*values, strict=True))
+    elif all(v is first or v == first for v in values):
+        return first
+    raise ValueError(f"calibration batches differ in keyword argument {key!r} and cannot be joined into one batch")
+
+
 def main_input(args: tuple, kwargs: dict) -> torch.Tensor:
     """The hidden-states argument of a module call, positional or keyword."""
     return args[0] if args else kwargs["hidden_states"]
+
+
+def replace_main_input(args: tuple, kwargs: dict, x: torch.Tensor) -> tuple[tuple, dict]:
+    """The (args, kwargs) of a module call with its hidden-states argument replaced by ``x``."""
+    if args:
+        return (x, *args[1:]), kwargs
+    return args, {**kwargs, "hidden_states": x}
 
 
 def _main_input_to(fn: Callable[[torch.Tensor], None]) -> Callable[[tuple, dict], None]:
@@ -184,9 +234,12 @@ def calibrate(model: nn.Module, mapping: Mapping, samples: torch.Tensor, transfo
                            device)
         fp_outputs = ctx.outputs() if propagate == "fp" and needs_data else None
         for transform in transforms:
+            ctx.known_outputs = None
             transform.apply(ctx)
-        if needs_data:
-            inputs = fp_outputs if fp_outputs is not None else ctx.outputs()
+        if fp_outputs is not None:
+            inputs = fp_outputs
+        elif needs_data:
+            inputs = ctx.known_outputs if ctx.known_outputs is not None else ctx.outputs()
         logs.update(ctx.logs)
         blocks[index] = block.to("cpu")
     return logs

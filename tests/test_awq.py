@@ -13,7 +13,15 @@ from ptq.calibrate import calibrate
 from ptq.config import validate
 from ptq.models.mappings import mapping_for
 from ptq.spec import QuantSpec
-from ptq.transforms.awq import AWQ, awq_scales, clip, search_clip, search_scales
+from ptq.transforms.awq import (
+    AWQ,
+    awq_scales,
+    clip,
+    linear_output_mse,
+    output_mse,
+    search_clip,
+    search_scales,
+)
 from ptq.transforms.gptq import GPTQ
 from ptq.transforms.rtn import RTN
 
@@ -67,7 +75,7 @@ def test_chosen_scales_never_increase_the_module_error_over_unit_scale(spec):
         for lin, w in zip(linears, originals, strict=True):
             lin.weight.data = w.clone()
 
-    result = search_scales(linears, x.abs().mean(dim=0), lambda: mlp(x), rtn(spec), grid=20)
+    result = search_scales(linears, x.abs().mean(dim=0), output_mse(lambda: mlp(x)), rtn(spec), grid=20)
 
     assert all(torch.equal(lin.weight, w) for lin, w in zip(linears, originals, strict=True)), "weights restored"
     assert result.alphas[0] == 0 and len(result.errors) == 20
@@ -75,6 +83,16 @@ def test_chosen_scales_never_increase_the_module_error_over_unit_scale(spec):
     assert min(result.errors) <= unit_error
     assert min(result.errors) < 0.9 * unit_error, "outlier channels: some α > 0 must help"
     torch.testing.assert_close(result.scales, awq_scales(x.abs().mean(dim=0), result.alphas[result.best]))
+
+
+def test_linear_output_error_from_the_gram_matrix_equals_running_the_linear():
+    torch.manual_seed(0)
+    linear, x = torch.nn.Linear(64, 24), outlier_inputs()
+    direct, via_gram = output_mse(lambda: linear(x)), linear_output_mse(linear, x.T @ x, x.shape[0])
+    with torch.no_grad():
+        linear.weight.add_(0.05 * torch.randn_like(linear.weight))
+    assert via_gram() == pytest.approx(direct(), rel=1e-4)
+    assert via_gram() > 0
 
 
 def test_scales_are_normalised_and_unit_at_alpha_zero():
@@ -103,10 +121,11 @@ def test_chosen_clip_never_increases_the_group_output_error(spec):
     assert group_error(clipped).sum() < group_error(weight).sum()
 
 
-def test_scaling_alone_leaves_full_precision_logits_unchanged():
+@pytest.mark.parametrize("search_dtype", ["float32", "bfloat16"])
+def test_scaling_alone_leaves_full_precision_logits_unchanged(search_dtype):
     reference, x = tiny_llama_with_outliers(), samples()
     model = copy.deepcopy(reference)
-    step = AWQ(weight=SPECS[0], clip_search=False)
+    step = AWQ(weight=SPECS[0], clip_search=False, search_dtype=search_dtype)
     calibrate(model, mapping_for(model), x, [step], progress=False)
     with torch.no_grad():
         ref, out = reference(x).logits, model(x).logits
@@ -138,11 +157,13 @@ def test_awq_then_rtn_beats_rtn_at_3_bits():
     spec = QuantSpec(bits=3, symmetric=False, granularity="group", group_size=32)
     errors = {}
     for name, steps in {"rtn": [RTN(weight=spec)], "awq": [AWQ(weight=spec), RTN(weight=spec)],
+                        "awq_bf16_search": [AWQ(weight=spec, search_dtype="bfloat16"), RTN(weight=spec)],
                         "awq_gptq": [AWQ(weight=spec), GPTQ(weight=spec)]}.items():
         model = copy.deepcopy(reference)
         calibrate(model, mapping_for(model), x, steps, progress=False)
         errors[name] = model_error(reference, model, x)
     assert errors["awq"] < 0.5 * errors["rtn"], errors
+    assert errors["awq_bf16_search"] < 0.5 * errors["rtn"], errors
     assert errors["awq_gptq"] < 0.5 * errors["rtn"], errors
 
 
@@ -176,6 +197,7 @@ def test_method_configs_build_awq_then_quantizer_with_one_spec(tiny_config, meth
 @pytest.mark.parametrize("options, message", [
     ({"grid": 0}, "grid=0"),
     ({"max_shrink": 1.0}, "max_shrink=1.0"),
+    ({"search_dtype": "int8"}, "search_dtype='int8'"),
     ({"weight": QuantSpec(bits=4, granularity="tensor")}, "weight.granularity='tensor'"),
 ])
 def test_bad_options_fail_with_the_key(options, message):

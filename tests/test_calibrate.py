@@ -115,3 +115,44 @@ def test_static_activation_quantization_is_calibrated():
     calibrate(model, LLAMA, samples(), [step], progress=False)
     quantizer = model.model.layers[0].mlp.down_proj.input_quantizer
     assert not quantizer.dynamic and quantizer.scale.numel() == 1 and quantizer.scale.item() > 0
+
+
+def test_join_kwargs_concatenates_per_batch_tensors_and_keeps_shared_ones():
+    from ptq.calibrate import join_kwargs
+
+    cos = torch.randn(1, 5, 4)
+    masks = [torch.randn(3, 1, 5, 5), torch.randn(2, 1, 5, 5)]
+    joined = join_kwargs([{"mask": masks[0], "rope": (cos, cos), "use_cache": False},
+                          {"mask": masks[1], "rope": (cos.clone(), cos.clone()), "use_cache": False}], [3, 2])
+    assert torch.equal(joined["mask"], torch.cat(masks))
+    assert joined["rope"][0] is cos and joined["use_cache"] is False
+    with pytest.raises(ValueError, match="'rope'"):
+        join_kwargs([{"rope": cos}, {"rope": cos + 1}], [3, 2])
+
+
+class JoinedPass:
+    """A step that runs the block once on the joined batches, scaling q_proj's input by 10 on the way."""
+
+    name = "joined"
+
+    def apply(self, ctx: BlockContext) -> None:
+        from ptq.calibrate import main_input, replace_main_input
+
+        def scale(module, args, kwargs):
+            return replace_main_input(args, kwargs, 10 * main_input(args, kwargs))
+
+        ctx.run_joined({"self_attn.q_proj": scale})
+
+
+def test_run_joined_outputs_are_the_next_blocks_inputs_in_the_original_batches():
+    reference, x = tiny_llama(), samples(n=7)
+    spy = BlockInputSpy(1)
+    calibrate(copy.deepcopy(reference), LLAMA, x, [spy, JoinedPass()], batch_size=3, progress=False)
+    block = reference.model.layers[0]
+    handle = block.self_attn.q_proj.register_forward_pre_hook(lambda module, args: (10 * args[0],))
+    captured: list[torch.Tensor] = []
+    reference.model.layers[1].register_forward_pre_hook(lambda module, args: captured.append(args[0]))
+    with torch.no_grad():
+        reference(x)
+    handle.remove()
+    torch.testing.assert_close(spy.inputs, captured[0], rtol=1e-5, atol=1e-5)

@@ -156,6 +156,8 @@ def test_experiment_sweep_composes_into_its_protocol(name):
             assert step.act_order and step.true_sequential, job
         if cfg.method.name == "gptq":
             assert not step.act_order, job
+            if protocol.sweep_name == "gptq_table3":  # the paper's runs: every linear from the fp block's inputs
+                assert not step.true_sequential, job
     assert models == protocol.models
     assert datasets == protocol.datasets
     assert rows == protocol.rows

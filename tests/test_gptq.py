@@ -250,3 +250,68 @@ def test_rejects_bad_arguments():
         gptq_quantize(w, h, QuantSpec(bits=8, granularity="token", group_size=None))
     with pytest.raises(ValueError, match="block_size"):
         gptq_quantize(w, h, SPECS[0][1], block_size=0)
+
+
+@pytest.mark.parametrize("observer", ["minmax", "mse"])
+@pytest.mark.parametrize("act_order", [False, True])
+def test_stacked_rows_solve_exactly_as_each_weight_alone(observer, act_order):
+    """Linears that share H (q, k, v) are solved as one stacked weight: rows are independent given H."""
+    x, w = layer(80, seed=3)
+    h = hessian_of(x, torch.float64)
+    spec = QuantSpec(bits=3, symmetric=False, granularity="group", group_size=24)
+    parts = [w[:10].double(), w[10:40].double(), w[40:].double()]
+    alone = [gptq_quantize(p, h, spec, observer=observer, act_order=act_order) for p in parts]
+    stacked = gptq_quantize(torch.cat(parts), h, spec, observer=observer, act_order=act_order).split_rows([10, 30, 24])
+    for a, s in zip(alone, stacked, strict=True):
+        for field in ("weight", "scale", "zero", "q", "g_idx"):
+            torch.testing.assert_close(getattr(s, field), getattr(a, field), rtol=1e-12, atol=1e-12)
+        assert s.loss == pytest.approx(a.loss, rel=1e-9)
+
+
+def tiny_llama_double(seed: int = 0):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2)
+    return LlamaForCausalLM(config).double().eval()
+
+
+@pytest.mark.parametrize("activations", [None, "minmax"])
+def test_one_pass_equals_streamed_true_sequential(activations):
+    """The one-pass schedule solves each stage on the same inputs as re-running the block stage by stage."""
+    import copy
+
+    from ptq.calibrate import calibrate
+    from ptq.models.mappings import LLAMA
+    from ptq.transforms.gptq import GPTQ
+
+    reference = tiny_llama_double()
+    x = torch.randint(0, 97, (7, 20), generator=torch.Generator().manual_seed(1))
+    act = {} if activations is None else {"activations": QuantSpec(bits=8, granularity="tensor"),
+                                          "act_observer": activations}
+    models, logs = [], []
+    for one_pass in (True, False):
+        model = copy.deepcopy(reference)
+        step = GPTQ(weight=QuantSpec(bits=3, granularity="group", group_size=32), hessian_dtype="float64",
+                    true_sequential=True, one_pass=one_pass, **act)
+        logs.append(calibrate(model, LLAMA, x, [step], batch_size=3, progress=False))
+        models.append(model)
+    assert logs[0].keys() == logs[1].keys() and len(logs[0]) == 14
+    for name in logs[0]:
+        assert logs[0][name]["loss"] == pytest.approx(logs[1][name]["loss"], rel=1e-6), name
+    for (name, a), b in zip(models[0].named_modules(), models[1].modules(), strict=True):
+        if hasattr(a, "weight_scale"):
+            torch.testing.assert_close(a.weight, b.weight, rtol=1e-9, atol=1e-9, msg=name)
+            if activations is not None:
+                torch.testing.assert_close(a.input_quantizer.scale, b.input_quantizer.scale, msg=name)
+    with torch.no_grad():
+        torch.testing.assert_close(models[0](x).logits, models[1](x).logits, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("features", [7, 255, 256, 301, 1024])
+def test_gram_from_block_triangle_equals_the_full_product(features):
+    from ptq.transforms.gptq import gram
+
+    x = torch.randn(50, features, dtype=torch.float64, generator=torch.Generator().manual_seed(features))
+    torch.testing.assert_close(gram(x), x.T @ x, rtol=1e-12, atol=1e-12)

@@ -9,7 +9,11 @@ relative rounding error (§3.2, eq. 1–3): Q(w·s)·(x/s). Per smoothing group 
   ``grid`` points in [0, 1) (α = 0 is s = 1, no scaling); s is normalised by √(max s · min s) as in the
   reference code. For each α every linear of the group becomes Q(W·diag(s))·diag(s)⁻¹, the ``inspect`` module is
   run on its captured inputs, and the α with the least MSE to the full-precision output wins; 1/s is folded into
-  ``prev`` and s into the linears (``ptq.transforms.scaling``).
+  ``prev`` and s into the linears (``ptq.transforms.scaling``). When the inspected module is the group's only
+  linear (down_proj), its output error comes from the inputs' Gram matrix, without running it
+  (``linear_output_mse``). ``search_dtype`` runs a copy of the inspected module in lower precision (bfloat16
+  matmuls are ~3.7x faster than float32 on a CPU with AVX512-BF16; on a GPU the model usually is bf16 already);
+  W·s is always quantized from the original weights, only the error measurement is in that precision.
 - §3.3 / the reference's ``auto_clip``: per linear (q and k skipped, their outputs only meet through softmax),
   per output row and weight group, shrink the range max|w| by 1 − i/``clip_grid`` for i < ``max_shrink``·clip_grid
   (1.0, 0.95, …, 0.55) and keep the ratio whose quantized partial output Σ_k x_k ŵ_k over ``clip_tokens`` sampled
@@ -21,6 +25,7 @@ same weight spec decides the integers. Without ``clip_search`` the full-precisio
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -35,9 +40,11 @@ from ptq.models.mappings import Group
 from ptq.observers import build_observer
 from ptq.spec import QuantSpec
 from ptq.transforms.base import check_observer
+from ptq.transforms.gptq import gram
 from ptq.transforms.scaling import ChannelStat, apply_scales, scalable_groups
 
 MIN_SCALE = 1e-4
+SEARCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @dataclass(frozen=True)
@@ -60,28 +67,53 @@ def awq_scales(x_mean: torch.Tensor, alpha: float) -> torch.Tensor:
 
 
 @torch.no_grad()
-def search_scales(linears: Sequence[nn.Module], x_mean: torch.Tensor, run: Callable[[], torch.Tensor],
-                  quantize: Callable[[torch.Tensor], torch.Tensor], grid: int = 20) -> ScaleSearch:
-    """Grid-search α (eq. 5): the s that minimises ‖run() − run_fp()‖² with every linear at Q(W·s)/s.
+def search_scales(linears: Sequence[nn.Module], x_mean: torch.Tensor, output_error: Callable[[], float],
+                  quantize: Callable[[torch.Tensor], torch.Tensor], grid: int = 20,
+                  sources: Sequence[torch.Tensor] | None = None) -> ScaleSearch:
+    """Grid-search α (eq. 5): the s that minimises ``output_error()`` with every linear at Q(W·s)/s.
 
-    ``run`` evaluates the inspected module on its calibration inputs; ``quantize`` fake-quantizes a weight.
-    The linears' weights are restored before returning.
+    ``output_error`` measures the inspected module's output against full precision with the linears' current
+    weights (``output_mse``, ``linear_output_mse``); ``quantize`` fake-quantizes a weight. W is the linears' own
+    weight, or ``sources`` (the full-precision weights when the linears are a lower-precision copy). The linears'
+    weights are restored before returning.
     """
     originals = [linear.weight.data for linear in linears]
-    reference = run()
+    sources = originals if sources is None else sources
     alphas = tuple(i / grid for i in range(grid))
     errors = []
     try:
         for alpha in alphas:
             s = awq_scales(x_mean, alpha)
-            for linear, weight in zip(linears, originals, strict=True):
-                linear.weight.data = (quantize(weight.float() * s) / s).to(weight.dtype)
-            errors.append((run() - reference).float().pow(2).mean().item())
+            for linear, weight, source in zip(linears, originals, sources, strict=True):
+                linear.weight.data = (quantize(source.float() * s) / s).to(weight.dtype)
+            errors.append(output_error())
     finally:
         for linear, weight in zip(linears, originals, strict=True):
             linear.weight.data = weight
     best = min(range(grid), key=errors.__getitem__)
     return ScaleSearch(alphas, tuple(errors), awq_scales(x_mean, alphas[best]))
+
+
+def output_mse(run: Callable[[], torch.Tensor]) -> Callable[[], float]:
+    """The mean squared difference between ``run()`` and what it returns now (call before changing weights)."""
+    reference = run()
+    return lambda: (run() - reference).float().pow(2).mean().item()
+
+
+def linear_output_mse(linear: nn.Module, gram: torch.Tensor, tokens: int) -> Callable[[], float]:
+    """``output_mse`` of a single linear on inputs X [tokens, in], from their Gram matrix G = XᵀX alone:
+
+        ‖X ΔWᵀ‖² = tr(ΔW G ΔWᵀ),   ΔW = W_now − W_then,
+
+    one [out, in] × [in, in] product per call instead of a pass over all tokens (the bias cancels).
+    """
+    original = linear.weight.data.float().clone()
+
+    def error() -> float:
+        delta = linear.weight.data.float() - original
+        return float(((delta @ gram) * delta).sum()) / (tokens * delta.shape[0])
+
+    return error
 
 
 @torch.no_grad()
@@ -131,6 +163,22 @@ def first_sequences(calls: list[tuple[tuple, dict]], samples: int | None) -> lis
     return kept
 
 
+def _relative(name: str, root: str) -> str:
+    """``name`` (a path in the block) as seen from module ``root`` ("" = the block itself)."""
+    return name[len(root) + 1 :] if root else name
+
+
+def _cast(value: Any, dtype: torch.dtype) -> Any:
+    """``value`` with every floating-point tensor inside it (tuples, dicts) converted to ``dtype``."""
+    if isinstance(value, torch.Tensor):
+        return value.to(dtype) if value.is_floating_point() else value
+    if isinstance(value, (tuple, list)):
+        return type(value)(_cast(v, dtype) for v in value)
+    if isinstance(value, dict):
+        return {key: _cast(v, dtype) for key, v in value.items()}
+    return value
+
+
 def first_tensor(output: Any) -> torch.Tensor:
     return output[0] if isinstance(output, (tuple, list)) else output
 
@@ -149,6 +197,7 @@ class AWQ:
     clip_tokens: int = 512
     clip_skip: tuple[str, ...] = ("q_proj", "k_proj", "query", "key", "qkv", "c_attn")
     search_samples: int | None = None  # calibration sequences the scale search evaluates (None: all of them)
+    search_dtype: str = "float32"  # precision the inspected module runs in during the scale search
     name: str = "awq"
     searches: dict[str, ScaleSearch] = field(default_factory=dict, init=False)  # "<block>.<prev>" → grid
 
@@ -162,6 +211,8 @@ class AWQ:
         if self.weight.granularity not in allowed:
             raise ValueError(f"weight.granularity={self.weight.granularity!r}: allowed for awq with "
                              f"clip_search={self.clip_search} are {', '.join(allowed)}")
+        if self.search_dtype not in SEARCH_DTYPES:
+            raise ValueError(f"search_dtype={self.search_dtype!r}: allowed are {', '.join(SEARCH_DTYPES)}")
         if self.search_samples is not None and self.search_samples < 1:
             raise ValueError(f"search_samples={self.search_samples!r}: allowed is a positive integer or null")
         for key in ("grid", "clip_grid", "clip_tokens"):
@@ -190,14 +241,21 @@ class AWQ:
         stat = ChannelStat("mean")
         for args, kwargs in calls[group.linears[0]]:
             stat.update(main_input(args, kwargs))
-        inspect = ctx.module(group.inspect)
+        linears = [ctx.module(n) for n in group.linears]
         searched = first_sequences(calls[group.inspect], self.search_samples)
-
-        def run() -> torch.Tensor:
-            outputs = [first_tensor(inspect(*args, **kwargs)) for args, kwargs in searched]
-            return torch.cat([y.flatten() for y in outputs])
-
-        return search_scales([ctx.module(n) for n in group.linears], stat.result(), run, self.quantize, self.grid)
+        if group.linears == (group.inspect,):
+            inputs = [main_input(args, kwargs).reshape(-1, linears[0].in_features).float() for args, kwargs in searched]
+            error = linear_output_mse(linears[0], sum(gram(x) for x in inputs), sum(x.shape[0] for x in inputs))
+            return search_scales(linears, stat.result(), error, self.quantize, self.grid)
+        inspect, dtype = ctx.module(group.inspect), SEARCH_DTYPES[self.search_dtype]
+        if dtype != linears[0].weight.dtype:  # run a copy in the search precision; quantize the original weights
+            inspect = copy.deepcopy(inspect).to(dtype)
+            searched = [(_cast(args, dtype), _cast(kwargs, dtype)) for args, kwargs in searched]
+        error = output_mse(lambda: torch.cat([first_tensor(inspect(*args, **kwargs)).flatten()
+                                              for args, kwargs in searched]))
+        copies = [inspect.get_submodule(_relative(name, group.inspect)) for name in group.linears]
+        return search_scales(copies, stat.result(), error, self.quantize, self.grid,
+                             sources=[linear.weight.data for linear in linears])
 
     def clip_block(self, ctx: BlockContext) -> None:
         names = [n for n in ctx.mapping.linear_names if not any(pattern in n for pattern in self.clip_skip)]

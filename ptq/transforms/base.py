@@ -16,7 +16,7 @@ from torch import nn
 
 from ptq.calibrate import BlockContext
 from ptq.nn import ActivationQuantizer, FakeQuantLinear, set_submodule
-from ptq.observers import OBSERVERS, build_observer
+from ptq.observers import OBSERVERS, Observer, build_observer
 from ptq.spec import QuantSpec
 
 
@@ -107,8 +107,13 @@ def attach_activation_quantizers(ctx: BlockContext, spec: QuantSpec, observer: s
     observers = {name: build_observer(observer, spec, **options) for name in names}
     ctx.stream({name: obs.update for name, obs in observers.items()})
     for name, obs in observers.items():
-        scale, zero = obs.qparams()
-        ctx.module(name).input_quantizer = ActivationQuantizer(spec, scale.to(ctx.device), zero.to(ctx.device))
+        ctx.module(name).input_quantizer = static_input_quantizer(spec, obs, ctx.device)
+
+
+def static_input_quantizer(spec: QuantSpec, obs: Observer, device: torch.device) -> ActivationQuantizer:
+    """An input quantizer with the fixed qparams a calibrated observer chose."""
+    scale, zero = obs.qparams()
+    return ActivationQuantizer(spec, scale.to(device), zero.to(device))
 
 
 def layer_log(spec: QuantSpec, weight: torch.Tensor, result: QuantizedWeight) -> dict[str, Any]:
