@@ -216,22 +216,45 @@ def _finite(values: list[float]) -> np.ndarray:
     return np.where(np.isfinite(array), array, np.nan)
 
 
+def block_and_role(name: str) -> tuple[int, str] | None:
+    """(3, "mlp.up_proj") for "model.layers.3.mlp.up_proj": the last integer path component and what follows it."""
+    parts = name.split(".")
+    index = next((i for i in range(len(parts) - 2, -1, -1) if parts[i].isdigit()), None)
+    return None if index is None else (int(parts[index]), ".".join(parts[index + 1 :]))
+
+
 def plot_layer_sqnr(names: list[str], weight_db: list[float], output_db: list[float], path: Path) -> Path:
-    """Horizontal bars: weight and output SQNR (dB) of every layer, in model order (exact layers left blank)."""
+    """Weight SQNR (top) and output SQNR (bottom) of every layer, in dB.
+
+    For a model of repeated blocks, one line per layer role (q_proj, …, down_proj) over the block index, so a
+    30-block model stays one readable figure; otherwise one bar per layer. Exact layers (infinite SQNR) are blank.
+    """
     from matplotlib.figure import Figure
 
-    rows = np.arange(len(names))
-    fig = Figure(figsize=(8, max(3.0, 0.22 * len(names) + 1.2)), layout="constrained")
-    ax = fig.subplots()
-    ax.barh(rows - 0.2, _finite(weight_db), height=0.4, label="weight: 10 log10(‖W‖² / ‖W − Ŵ‖²)")
-    ax.barh(rows + 0.2, _finite(output_db), height=0.4, label="output: 10 log10(‖y‖² / ‖ŷ − y‖²)")
-    ax.set_yticks(rows, names, fontsize=7)
-    ax.set_ylim(len(names) - 0.5, -0.5)  # first layer on top, no margins
-    ax.set_xlabel("SQNR (dB, higher is better)")
-    ax.tick_params(axis="x", labeltop=True, top=True)
-    ax.grid(axis="x", alpha=0.3)
-    ax.set_title("Quantization error per layer")
-    fig.legend(loc="outside lower center", ncols=2, fontsize=8)
+    fig = Figure(figsize=(11, 7), layout="constrained")
+    axes = fig.subplots(2, 1, sharex=True)
+    panels = ((axes[0], weight_db, "weight: 10 log10(‖W‖² / ‖W − Ŵ‖²)"),
+              (axes[1], output_db, "layer output on calibration inputs: 10 log10(‖y‖² / ‖ŷ − y‖²)"))
+    parsed = [block_and_role(name) for name in names]
+    if all(parsed) and len({block for block, _ in parsed}) > 1:
+        roles = list(dict.fromkeys(role for _, role in parsed))
+        for ax, values, title in panels:
+            for role in roles:
+                points = [(block, v) for (block, r), v in zip(parsed, _finite(values), strict=True) if r == role]
+                ax.plot(*zip(*points, strict=True), marker="o", ms=3, lw=1, label=role)
+            ax.set_title(title, fontsize=10)
+        axes[1].set_xlabel("decoder block")
+        axes[0].legend(fontsize=8, ncols=min(len(roles), 4), loc="best")
+    else:
+        positions = np.arange(len(names))
+        for ax, values, title in panels:
+            ax.bar(positions, _finite(values))
+            ax.set_title(title, fontsize=10)
+        axes[1].set_xticks(positions, names, rotation=90, fontsize=7)
+    for ax, _, _ in panels:
+        ax.set_ylabel("SQNR (dB, higher is better)")
+        ax.grid(alpha=0.3)
+    fig.suptitle("Quantization error per layer")
     fig.savefig(path, dpi=100)
     return path
 
@@ -277,7 +300,8 @@ def plot_weight_histogram(weight: np.ndarray, dequantized: np.ndarray, layer: st
     right.set_title(label)
     for ax in (left, right):
         ax.set_xlabel("weight value")
-    left.set_ylabel("count")
+        ax.set_yscale("log")  # the tails (what clipping and coarse grids change) stay visible
+    left.set_ylabel("count (log scale)")
     fig.suptitle(f"Weight distribution of {layer}")
     fig.savefig(path, dpi=100)
     return path

@@ -16,6 +16,7 @@ from ptq.diagnostics import (
     kurtosis,
     outlier_ratio,
     plot_channel_magnitudes,
+    block_and_role,
     short_names,
     sqnr_db,
 )
@@ -52,6 +53,12 @@ def test_input_stats_over_batches_equal_stats_of_all_tokens():
     assert torch.equal(stats.channel_absmax, everything.abs().amax(dim=0).float())
     centred = everything - everything.mean()
     assert stats.kurtosis() == pytest.approx(float(centred.pow(4).mean() / centred.pow(2).mean() ** 2), rel=1e-9)
+
+
+def test_block_and_role_split_a_layer_name_at_its_block_index():
+    assert block_and_role("model.layers.12.mlp.up_proj") == (12, "mlp.up_proj")
+    assert block_and_role("3.self_attn.q_proj") == (3, "self_attn.q_proj")
+    assert block_and_role("lm_head") is None
 
 
 def test_short_names_drop_the_shared_prefix():
