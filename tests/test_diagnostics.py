@@ -13,10 +13,10 @@ from ptq.calibrate import calibrate
 from ptq.diagnostics import (
     Diagnostics,
     InputStats,
+    block_and_role,
     kurtosis,
     outlier_ratio,
     plot_channel_magnitudes,
-    block_and_role,
     short_names,
     sqnr_db,
 )
