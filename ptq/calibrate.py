@@ -23,7 +23,7 @@ from ptq.nn import as_linears
 
 
 class _Captured(Exception):
-    """Raised inside the first block to stop the forward pass once its inputs are recorded."""
+    """Raised inside a forward pass to stop it once the inputs it was run for are recorded."""
 
 
 @dataclass
@@ -81,9 +81,24 @@ class BlockContext:
         self.known_outputs = list(output.split([i.shape[0] for i in self.inputs]))
 
     def _run(self, hooks: dict[str, Callable[[tuple, dict], None]]) -> None:
-        with _input_hooks(self.block, hooks):
+        """Run the block on every batch with ``hooks`` on module inputs; each batch's forward pass stops as soon
+        as every hooked module has seen its input (the rest of the block would compute nothing they need)."""
+        waiting: set[str] = set()
+
+        def then_stop_when_all_seen(name: str, fn: Callable[[tuple, dict], None]) -> Callable[[tuple, dict], None]:
+            def hook(args: tuple, kwargs: dict) -> None:
+                fn(args, kwargs)
+                waiting.discard(name)
+                if not waiting:
+                    raise _Captured
+
+            return hook
+
+        with _input_hooks(self.block, {name: then_stop_when_all_seen(name, fn) for name, fn in hooks.items()}):
             for x, kw in zip(self.inputs, self.kwargs, strict=False):
-                self.block(x, **kw)
+                waiting.update(hooks)
+                with suppress(_Captured):
+                    self.block(x, **kw)
 
 
 def join_kwargs(kwargs: list[dict[str, Any]], sizes: list[int]) -> dict[str, Any]:

@@ -156,3 +156,24 @@ def test_run_joined_outputs_are_the_next_blocks_inputs_in_the_original_batches()
         reference(x)
     handle.remove()
     torch.testing.assert_close(spy.inputs, captured[0], rtol=1e-5, atol=1e-5)
+
+
+class EarlyStream:
+    """Streams q_proj's inputs and counts how often the MLP ran meanwhile."""
+
+    name = "early"
+
+    def __init__(self) -> None:
+        self.seen, self.mlp_calls = 0, 0
+
+    def apply(self, ctx: BlockContext) -> None:
+        handle = ctx.module("mlp").register_forward_hook(lambda *args: setattr(self, "mlp_calls", self.mlp_calls + 1))
+        ctx.stream({"self_attn.q_proj": lambda x: setattr(self, "seen", self.seen + x.shape[0])})
+        handle.remove()
+
+
+def test_stream_stops_each_batch_once_every_observed_input_is_seen():
+    step = EarlyStream()
+    calibrate(tiny_llama(), LLAMA, samples(n=7), [step], batch_size=3, progress=False)
+    assert step.seen == 2 * 7  # every sequence of both blocks
+    assert step.mlp_calls == 0
