@@ -147,6 +147,40 @@ def test_clipping_only_shrinks_weights_and_skips_q_k():
     assert torch.all(down.abs() <= ref_down.abs()) and not torch.equal(down, ref_down)
 
 
+class ClipAfterStreaming:
+    """The clip search fed by a fresh pass over the (already scaled) block: what AWQ's captured inputs replace."""
+
+    name = "clip_after_streaming"
+
+    def __init__(self, awq: AWQ) -> None:
+        self.awq = awq
+
+    def apply(self, ctx) -> None:
+        names = self.awq.clipped_linears(ctx)
+        step = max(1, sum(x.shape[:-1].numel() for x in ctx.inputs) // self.awq.clip_tokens)
+        seen: dict[str, list[torch.Tensor]] = {name: [] for name in names}
+        ctx.stream({name: lambda x, kept=seen[name]: kept.append(x.reshape(-1, x.shape[-1])[::step])
+                    for name in names})
+        for name in names:
+            self.awq.clip_linear(ctx.module(name), torch.cat(seen[name]))
+
+
+def test_clip_search_sees_each_linear_input_as_scaled():
+    reference, x = tiny_llama_with_outliers(), samples(n=6)
+    models = {way: copy.deepcopy(reference) for way in ("captured", "streamed")}
+    calibrate(models["captured"], mapping_for(reference), x, [AWQ(weight=SPECS[0], clip_tokens=64)], batch_size=4,
+              progress=False)
+    steps = [AWQ(weight=SPECS[0], clip_search=False), ClipAfterStreaming(AWQ(weight=SPECS[0], clip_tokens=64))]
+    calibrate(models["streamed"], mapping_for(reference), x, steps, batch_size=4, progress=False)
+    clipped = [n for n, m in reference.named_modules() if n.endswith(("o_proj", "gate_proj", "up_proj", "down_proj"))]
+    assert clipped
+    for name in clipped:
+        a, b = (models[way].get_submodule(name).weight for way in ("captured", "streamed"))
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
+    assert not torch.equal(models["captured"].model.layers[0].mlp.down_proj.weight,
+                           reference.model.layers[0].mlp.down_proj.weight)
+
+
 @torch.no_grad()
 def model_error(reference, model, x) -> float:
     return (reference(x).logits - model(x).logits).pow(2).mean().item()

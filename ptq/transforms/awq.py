@@ -228,14 +228,24 @@ class AWQ:
     @torch.no_grad()
     def apply(self, ctx: BlockContext) -> None:
         groups = scalable_groups(ctx.block, ctx.mapping)
-        names = list(dict.fromkeys(name for g in groups for name in (g.inspect, g.linears[0])))
+        clipped = self.clipped_linears(ctx) if self.clip_search else []
+        names = list(dict.fromkeys([*(name for g in groups for name in (g.inspect, g.linears[0])), *clipped]))
         calls = ctx.capture(names) if names else {}
+        input_scale: dict[str, torch.Tensor] = {}
         for group in groups:
             result = self.search_group(ctx, group, calls)
             apply_scales(ctx.block, group, result.scales)
             self.searches[ctx.qualified(group.prev)] = result
-        if self.clip_search:
-            self.clip_block(ctx)
+            input_scale.update(dict.fromkeys(group.linears, result.scales))
+        if clipped:
+            # Each scaling keeps the block's full-precision function, so a linear's input is now its captured
+            # input divided by its own group's s: the clip search needs no further pass over the block.
+            tokens = sum(x.shape[:-1].numel() for x in ctx.inputs)
+            step = max(1, tokens // self.clip_tokens)
+            for name in clipped:
+                x = torch.cat([main_input(args, kwargs).reshape(-1, ctx.module(name).in_features)[::step]
+                               for args, kwargs in calls[name]])
+                self.clip_linear(ctx.module(name), x / input_scale[name].to(x) if name in input_scale else x)
 
     def search_group(self, ctx: BlockContext, group: Group, calls: dict[str, list[tuple[tuple, dict]]]) -> ScaleSearch:
         stat = ChannelStat("mean")
@@ -257,17 +267,12 @@ class AWQ:
         return search_scales(copies, stat.result(), error, self.quantize, self.grid,
                              sources=[linear.weight.data for linear in linears])
 
-    def clip_block(self, ctx: BlockContext) -> None:
-        names = [n for n in ctx.mapping.linear_names if not any(pattern in n for pattern in self.clip_skip)]
-        if not names:
-            return
-        tokens = sum(x.shape[:-1].numel() for x in ctx.inputs)
-        step = max(1, tokens // self.clip_tokens)
-        sampled: dict[str, list[torch.Tensor]] = {name: [] for name in names}
-        ctx.stream({name: lambda x, kept=sampled[name]: kept.append(x.reshape(-1, x.shape[-1])[::step])
-                    for name in names})
-        for name in names:
-            linear = ctx.module(name)
-            weight = linear.weight.data
-            max_val = search_clip(weight, torch.cat(sampled[name]), self.weight, self.clip_grid, self.max_shrink)
-            weight.copy_(clip(weight.float(), max_val, self.weight).to(weight.dtype))
+    def clipped_linears(self, ctx: BlockContext) -> list[str]:
+        """The block's linears the clip search visits: all but those named in ``clip_skip`` (q, k)."""
+        return [n for n in ctx.mapping.linear_names if not any(pattern in n for pattern in self.clip_skip)]
+
+    def clip_linear(self, linear: nn.Module, x: torch.Tensor) -> None:
+        """Clamp ``linear``'s weight to the clip ``search_clip`` picks on its sampled inputs ``x`` [tokens, in]."""
+        weight = linear.weight.data
+        max_val = search_clip(weight, x, self.weight, self.clip_grid, self.max_shrink)
+        weight.copy_(clip(weight.float(), max_val, self.weight).to(weight.dtype))
