@@ -315,3 +315,14 @@ def test_gram_from_block_triangle_equals_the_full_product(features):
 
     x = torch.randn(50, features, dtype=torch.float64, generator=torch.Generator().manual_seed(features))
     torch.testing.assert_close(gram(x), x.T @ x, rtol=1e-12, atol=1e-12)
+
+
+def test_cpu_solve_leaves_the_thread_count_as_it_found_it():
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        x, w = layer(32)
+        gptq_quantize(w, hessian_of(x), SPECS[0][1])
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
