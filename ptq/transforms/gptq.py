@@ -31,7 +31,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from ptq.affine import dequantize, quantize
 from ptq.calibrate import BlockContext, main_input, replace_main_input
 from ptq.nn import ActivationQuantizer
 from ptq.observers import Observer, Qparams, build_observer
@@ -211,8 +210,9 @@ def gptq_quantize(
 
     Q = torch.zeros_like(W)  # dequantized weights, processing order
     Qint = torch.zeros_like(W)  # integers, processing order
-    losses = torch.zeros_like(W)
+    row_loss = torch.zeros(W.shape[0], dtype=dtype, device=W.device)
     group_of = torch.zeros(columns, dtype=torch.long, device=W.device)  # group of each processed column
+    qmin, qmax = float(spec.qmin), float(spec.qmax)
 
     for i1 in range(0, columns, block_size):
         i2 = min(i1 + block_size, columns)
@@ -231,20 +231,19 @@ def gptq_quantize(
                 if col % group_size == 0:
                     stop = min(col + group_size, columns)
                     params.append(observe(_updated_columns(W, W1, Err1, Hinv, i1, i, stop)))
-            scale, zero = params[group]
+            scale, zero = params[group]  # [out, 1] or [1, 1]: ``ptq.affine.quantize`` for one column, inlined
             group_of[col] = group
 
             w = W1[:, i : i + 1]
-            d = Hinv1[i, i]
-            q = quantize(w, scale, zero, slice_spec)
-            wq = dequantize(q, scale, zero, slice_spec).to(dtype)
-            Qint[:, col : col + 1], Q[:, col : col + 1] = q.to(dtype), wq
-            losses[:, col : col + 1] = (w - wq) ** 2 / d**2 / 2
-            err = (w - wq) / d
-            W1[:, i:] -= err @ Hinv1[i : i + 1, i:]
+            q = torch.clamp(torch.round(w.float() / scale) + zero, qmin, qmax)
+            wq = scale * (q - zero)
+            Qint[:, col : col + 1], Q[:, col : col + 1] = q, wq
+            err = (w - wq) / Hinv1[i, i]
+            W1[:, i:].addmm_(err, Hinv1[i : i + 1, i:], alpha=-1)
             Err1[:, i : i + 1] = err
 
-        W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
+        row_loss += Err1.pow(2).sum(dim=1) / 2  # (w − quant(w))² / U_qq² / 2 per column
+        W[:, i2:].addmm_(Err1, Hinv[i1:i2, i2:], alpha=-1)
 
     invperm = torch.argsort(perm)
     return GPTQResult(
@@ -253,7 +252,7 @@ def gptq_quantize(
         zero=torch.cat([z for _, z in params], dim=1),
         g_idx=group_of[invperm],
         q=Qint[:, invperm].float(),
-        row_loss=losses.sum(dim=1),
+        row_loss=row_loss,
         damp=damp,
     )
 
