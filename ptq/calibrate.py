@@ -213,13 +213,14 @@ def _move_outside_blocks(model: nn.Module, blocks: nn.ModuleList, device: torch.
                 module._buffers[name] = buf.to(device)
 
 
-def _to(value: Any, device: torch.device) -> Any:
+def map_tensors(value: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:
+    """``value`` with ``fn`` applied to every tensor inside it (through tuples, lists and dicts)."""
     if isinstance(value, torch.Tensor):
-        return value.to(device)
+        return fn(value)
     if isinstance(value, (tuple, list)):
-        return type(value)(_to(v, device) for v in value)
+        return type(value)(map_tensors(v, fn) for v in value)
     if isinstance(value, dict):
-        return {key: _to(v, device) for key, v in value.items()}
+        return {key: map_tensors(v, fn) for key, v in value.items()}
     return value
 
 
@@ -242,11 +243,11 @@ def calibrate(model: nn.Module, mapping: Mapping, samples: torch.Tensor, transfo
     kwargs: list[dict[str, Any]] = []
     if needs_data:
         inputs, kwargs = capture_first_block_inputs(model, mapping, samples, batch_size, device)
+        kwargs = [map_tensors(kw, lambda t: t.to(device)) for kw in kwargs]  # the same for every block
     logs: dict[str, dict[str, Any]] = {}
     for index in tqdm(range(len(blocks)), desc="calibrate", disable=not progress):
         block = as_linears(blocks[index]).to(device)
-        ctx = BlockContext(block, index, f"{mapping.blocks}.{index}", mapping, inputs, [_to(k, device) for k in kwargs],
-                           device)
+        ctx = BlockContext(block, index, f"{mapping.blocks}.{index}", mapping, inputs, kwargs, device)
         fp_outputs = ctx.outputs() if propagate == "fp" and needs_data else None
         for transform in transforms:
             ctx.known_outputs = None

@@ -35,7 +35,7 @@ import torch
 from torch import nn
 
 from ptq.affine import expand, fake_quantize, minmax_qparams, slots
-from ptq.calibrate import BlockContext, main_input
+from ptq.calibrate import BlockContext, main_input, map_tensors
 from ptq.models.mappings import Group
 from ptq.observers import build_observer
 from ptq.spec import QuantSpec
@@ -170,13 +170,7 @@ def _relative(name: str, root: str) -> str:
 
 def _cast(value: Any, dtype: torch.dtype) -> Any:
     """``value`` with every floating-point tensor inside it (tuples, dicts) converted to ``dtype``."""
-    if isinstance(value, torch.Tensor):
-        return value.to(dtype) if value.is_floating_point() else value
-    if isinstance(value, (tuple, list)):
-        return type(value)(_cast(v, dtype) for v in value)
-    if isinstance(value, dict):
-        return {key: _cast(v, dtype) for key, v in value.items()}
-    return value
+    return map_tensors(value, lambda t: t.to(dtype) if t.is_floating_point() else t)
 
 
 def first_tensor(output: Any) -> torch.Tensor:

@@ -344,24 +344,22 @@ class GPTQ(Quantizer):
 
     def observe(self, ctx: BlockContext, names: list[str]) -> dict[str, HessianAccumulator]:
         """One H per distinct input: linears of a mapping group (q, k, v; gate, up) read the same tensor."""
-        hessians: dict[str, HessianAccumulator] = {}
-        observed: dict[str, HessianAccumulator] = {}
-        for members in _sharing_input(ctx, names):
-            accumulator = self._accumulator(ctx.module(members[0]).in_features, ctx.device)
-            observed[members[0]] = accumulator
-            hessians.update(dict.fromkeys(members, accumulator))
-        ctx.stream({name: acc.add for name, acc in observed.items()})
-        return hessians
+        return {name: hessian for members, hessian, _ in self._stream_stage(ctx, names) for name in members}
+
+    def _stream_stage(self, ctx: BlockContext, names: list[str]
+                      ) -> list[tuple[list[str], HessianAccumulator, Observer | None]]:
+        """Per group of ``names`` sharing an input: its H and activation observer, fed by one streamed pass."""
+        stage = [(members, self._accumulator(ctx.module(members[0]).in_features, ctx.device), self._act_observer())
+                 for members in _sharing_input(ctx, names)]
+        ctx.stream({members[0]: _feeding(hessian, observer) for members, hessian, observer in stage})
+        return stage
 
     def apply(self, ctx: BlockContext) -> None:
         if self.true_sequential and self.one_pass:
             self._apply_in_one_pass(ctx)
             return
         for names in self.linear_stages(ctx):
-            stage = [(members, self._accumulator(ctx.module(members[0]).in_features, ctx.device), self._act_observer())
-                     for members in _sharing_input(ctx, names)]
-            ctx.stream({members[0]: _feeding(hessian, observer) for members, hessian, observer in stage})
-            for members, hessian, observer in stage:
+            for members, hessian, observer in self._stream_stage(ctx, names):
                 self._finish(ctx, members, hessian, observer)
 
     def _apply_in_one_pass(self, ctx: BlockContext) -> None:
