@@ -64,3 +64,9 @@ def test_a_rescaler_after_a_quantizer_is_rejected(tiny_config):
     cfg.method.steps = [steps[1], steps[0]]
     with pytest.raises(ConfigError, match="rescalers"):
         validate(cfg)
+
+
+@pytest.mark.parametrize("method", sorted(p.stem for p in (ROOT / "configs" / "method").glob("*.yaml")))
+def test_every_method_config_builds_its_steps(tiny_config, method):
+    cfg = tiny_config(f"method={method}")
+    assert [step.name for step in validate(cfg)] == [step.name for step in cfg.method.steps]

@@ -21,6 +21,9 @@ from ptq.transforms.rtn import RTN
 
 W8 = QuantSpec(bits=8, symmetric=True, granularity="channel")
 A8 = QuantSpec(bits=8, symmetric=True, granularity="token")
+W8_ZEROPOINT = QuantSpec(bits=8, symmetric=False, granularity="channel")
+A8_ZEROPOINT = QuantSpec(bits=8, symmetric=False, granularity="token")
+GRIDS = {"absmax": (W8, A8), "zeropoint": (W8_ZEROPOINT, A8_ZEROPOINT)}
 
 
 def int8_layer(linear: nn.Linear, threshold: float = 6.0) -> LLMInt8Linear:
@@ -40,13 +43,15 @@ def test_outlier_columns_are_those_with_any_large_element():
     assert outlier_columns(x, 6.0).tolist() == [False, True, False, False, True]
 
 
-def test_without_outliers_the_step_equals_w8a8_round_to_nearest():
+@pytest.mark.parametrize("grid", GRIDS)
+def test_without_outliers_the_step_equals_w8a8_round_to_nearest_on_the_same_grid(grid):
+    weight, activations = GRIDS[grid]
     torch.manual_seed(0)
     model = DigitsMLP(features=16, hidden=(32, 24), classes=8)
     samples = torch.rand(32, 16)
     int8, rtn = copy.deepcopy(model), copy.deepcopy(model)
-    calibrate(int8, MAPPING, samples, [LLMInt8(weight=W8, activations=A8)], progress=False)
-    calibrate(rtn, MAPPING, samples, [RTN(weight=W8, activations=A8)], progress=False)
+    calibrate(int8, MAPPING, samples, [LLMInt8(weight=weight, activations=activations)], progress=False)
+    calibrate(rtn, MAPPING, samples, [RTN(weight=weight, activations=activations)], progress=False)
     x = torch.rand(64, 16)
     assert torch.equal(int8(x), rtn(x))
     assert all(int(m.outlier_hits.sum()) == 0 for m in int8.modules() if isinstance(m, LLMInt8Linear))
@@ -73,6 +78,18 @@ def test_outlier_part_is_exact_and_the_rest_is_quantized():
     x = torch.zeros(8, 32)
     x[:, 3] = 50.0 * torch.randn(8).sign()
     assert torch.allclose(int8_layer(linear)(x), linear(x), atol=1e-5)
+
+
+def test_zeropoint_grid_halves_the_step_on_one_signed_tokens():
+    """§2.1: absmax spends half of its 255 levels on the sign a non-negative token never takes; zeropoint does not."""
+    torch.manual_seed(2)
+    linear = nn.Linear(64, 32, bias=False)
+    x = torch.rand(16, 64) * 4.0  # non-negative, below the threshold: every column is regular
+    errors = {}
+    for grid, (weight, activations) in GRIDS.items():
+        layer = LLMInt8Linear(linear, linear.weight.data, weight, activations, 6.0)  # only X is quantized
+        errors[grid] = (layer(x) - linear(x)).pow(2).mean()
+    assert errors["zeropoint"] < errors["absmax"] / 3  # half the step: about a quarter of the squared error
 
 
 def test_the_step_is_built_from_config_and_rejects_static_activations():

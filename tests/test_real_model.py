@@ -52,3 +52,10 @@ def test_gptq_beats_rtn_at_3_bits(real_run):
     rtn = real_run("method=rtn", "bits=3", "group_size=64")
     gptq = real_run("method=gptq", "bits=3", "group_size=64", "data.n_samples=16", "data.seq_len=256")
     assert ppl(gptq) < 0.9 * ppl(rtn)
+
+
+def test_llm_int8_is_within_one_percent_and_w8a8_without_outliers_is_worse(real_run):
+    llm_int8 = real_run("method=llm_int8")
+    absmax_w8a8 = real_run("method=rtn_w8a8")
+    assert ppl(llm_int8) <= 1.01 * ppl(llm_int8, "baseline")
+    assert ppl(absmax_w8a8) > ppl(llm_int8) + 0.01 * ppl(llm_int8, "baseline")

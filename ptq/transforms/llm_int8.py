@@ -15,9 +15,12 @@ keeps the int8 product for almost every dimension and multiplies the few outlier
   with O detected anew on every forward pass, over the batch's hidden states.
 
 Here W is quantized once per output channel over all its columns (the int8 weight a deployment stores); Q(X_R) is
-the per-token absmax quantization of X with the outlier columns zeroed, as bitsandbytes computes it; X_O W_Oᵀ uses
-the full-precision weight columns, as the paper writes it. With no outliers the layer is exactly W8A8 with int8
-per-channel weights and dynamic int8 per-token activations (``method=rtn_w8a8``).
+the per-token quantization of X with the outlier columns zeroed, as bitsandbytes computes it; X_O W_Oᵀ uses the
+full-precision weight columns, as the paper writes it. Table 1 reports LLM.int8() with either grid of §2.1:
+absmax (symmetric, what bitsandbytes ships: ``method=llm_int8_absmax``) and zeropoint (asymmetric, as accurate
+or more at every size, the most at 125M: ``method=llm_int8``), chosen by the specs' ``symmetric``. With no
+outliers the layer is exactly W8A8 with int8 per-channel weights and dynamic int8 per-token activations of the
+same grid (``method=rtn_w8a8`` for absmax).
 """
 
 from __future__ import annotations
@@ -39,6 +42,11 @@ from ptq.transforms.rtn import RTN
 def outlier_columns(x: torch.Tensor, threshold: float) -> torch.Tensor:
     """The feature dimensions O (bool [features]) where any element of ``x`` [..., features] has |x| > threshold."""
     return (x.abs() > threshold).reshape(-1, x.shape[-1]).any(dim=0)
+
+
+def grid_name(spec: QuantSpec) -> str:
+    """The paper's name (§2.1) for a spec's grid: absmax (symmetric) or zeropoint (asymmetric)."""
+    return "absmax" if spec.symmetric else "zeropoint"
 
 
 def int8_decomposed_matmul(x: torch.Tensor, weight_q: torch.Tensor, weight_fp: torch.Tensor,
@@ -86,8 +94,9 @@ class LLMInt8Linear(nn.Module):
         return y
 
     def extra_repr(self) -> str:
-        return (f"{self.in_features}, {self.out_features}, w{self.weight_spec.bits} {self.weight_spec.granularity}, "
-                f"a{self.input_spec.bits} token, outliers |x| > {self.threshold}")
+        return (f"{self.in_features}, {self.out_features}, w{self.weight_spec.bits} {self.weight_spec.granularity} "
+                f"{grid_name(self.weight_spec)}, a{self.input_spec.bits} token {grid_name(self.input_spec)}, "
+                f"outliers |x| > {self.threshold}")
 
 
 @dataclass
@@ -107,7 +116,7 @@ class LLMInt8(RTN):
         if self.activations is None or self.activations.granularity != "token" or self.act_observer is not None:
             raise ValueError(
                 "activations: LLM.int8() quantizes activations per token at run time (§3.1); allowed is "
-                "{bits: 8, symmetric: true, granularity: token} without an observer"
+                "{bits: 8, symmetric: true|false, granularity: token} without an observer"
             )
 
     def apply(self, ctx: BlockContext) -> None:
