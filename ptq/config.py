@@ -63,6 +63,7 @@ class EvalConfig:
     baseline: bool = True
     cache_dir: str = "~/.cache/ptq/baselines"
     tasks: list[str] = field(default_factory=list)
+    task_data: dict[str, dict[str, str]] = field(default_factory=dict)
     limit: float | None = None
     num_fewshot: int | None = None
 

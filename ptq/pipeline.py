@@ -82,7 +82,7 @@ def language_model(cfg: DictConfig, device: str) -> Workload:
             from ptq.eval.harness import evaluate_tasks
 
             accuracy = evaluate_tasks(model, tokenizer, list(cfg.eval.tasks), cfg.eval.limit, cfg.eval.batch_size,
-                                      cfg.eval.num_fewshot, device, cfg.seed)
+                                      cfg.eval.num_fewshot, device, cfg.seed, task_data=task_data(cfg))
             metrics.update({f"{task}/{name}": value for task, values in accuracy.items()
                             for name, value in values.items()})
         model.to("cpu")
@@ -137,10 +137,14 @@ def stored_bytes(model: torch.nn.Module) -> int:
 
 
 def baseline_key(cfg: DictConfig, windows: torch.Tensor) -> str:
-    """Identifies a baseline: the model, the exact evaluation windows and the task settings."""
+    """Identifies a baseline: the model, the exact evaluation windows and the task settings (local task files
+    by their contents)."""
     model = OmegaConf.to_container(cfg.model, resolve=True)
     digest = hashlib.sha256(windows.numpy().tobytes()).hexdigest()[:16]
     tasks = {"tasks": list(cfg.eval.tasks), "limit": cfg.eval.limit, "num_fewshot": cfg.eval.num_fewshot}
+    if cfg.eval.task_data:
+        tasks["task_data"] = {task: {split: hashlib.sha256(Path(path).expanduser().read_bytes()).hexdigest()[:16]
+                                     for split, path in files.items()} for task, files in task_data(cfg).items()}
     blob = json.dumps({"model": model, "data": cfg.data.name, "path": cfg.data.path, "windows": digest, **tasks},
                       sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:24]
@@ -157,14 +161,20 @@ def cached_baseline(cfg: DictConfig, windows: torch.Tensor, compute: Any) -> tup
     return metrics, False
 
 
-def check_tasks(tasks: list[str]) -> None:
-    """Resolve lm-eval task names before any model loads (unknown or unreachable tasks fail in one line)."""
-    if not tasks:
+def task_data(cfg: DictConfig) -> dict[str, dict[str, str]]:
+    """``eval.task_data`` as plain dicts ({hub task: {split: local file}})."""
+    return OmegaConf.to_container(cfg.eval.task_data, resolve=True)
+
+
+def check_tasks(cfg: DictConfig) -> None:
+    """Resolve ``eval.tasks`` (and their local ``eval.task_data``) before any model loads: an unknown or
+    unreachable task, or a bad local file, fails in one line."""
+    if not cfg.eval.tasks and not cfg.eval.task_data:
         return
     from ptq.eval.harness import TaskUnavailableError, load_tasks
 
     try:
-        load_tasks(tasks)
+        load_tasks(list(cfg.eval.tasks), task_data(cfg))
     except (ValueError, TaskUnavailableError) as error:
         raise ConfigError(str(error)) from None
 
@@ -172,7 +182,7 @@ def check_tasks(tasks: list[str]) -> None:
 def run(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
     """Run one configured experiment; write ``results.json`` into ``output_dir`` and return the results."""
     steps = validate(cfg)
-    check_tasks(list(cfg.eval.tasks))
+    check_tasks(cfg)
     done = completed_results(output_dir)
     if done is not None and done.get("config") == OmegaConf.to_container(cfg, resolve=True):
         print(f"skipping: {output_dir / 'results.json'} is complete for this config")

@@ -6,6 +6,7 @@ downloaded. The hub-task test runs lm-eval's real loading path with the hub swit
 
 from __future__ import annotations
 
+import json
 import math
 from pydoc_data.topics import topics
 
@@ -17,7 +18,7 @@ from lm_eval.tasks._yaml_loader import load_yaml
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from ptq.eval.harness import OFFLINE_TASKS, TASKS_DIR, TaskUnavailableError, evaluate_tasks
+from ptq.eval.harness import OFFLINE_TASKS, TASKS_DIR, TaskUnavailableError, evaluate_tasks, load_tasks, task_manager
 from ptq.eval.tasks import build
 
 OFFLINE_LIST = "offline tasks: pydoc_choice, pydoc_cloze"
@@ -124,3 +125,77 @@ def test_hub_task_while_offline_is_one_clear_error(model, tokenizer) -> None:
     with pytest.raises(TaskUnavailableError, match=expected) as err:
         evaluate_tasks(model, tokenizer, ["arc_easy"])
     assert "\n" not in str(err.value) and str(err.value).endswith(OFFLINE_LIST)
+
+
+# Rows in each hub dataset's own columns, two per task: what a user copies from the hub to a machine without it.
+HUB_ROWS = {
+    "arc_easy": ("test", [
+        {"id": "q1", "question": "Which gas do plants take in?", "answerKey": "B",
+         "choices": {"text": ["oxygen", "carbon dioxide", "helium", "neon"], "label": ["A", "B", "C", "D"]}},
+        {"id": "q2", "question": "What melts ice?", "answerKey": "A",
+         "choices": {"text": ["heat", "cold", "dark", "wind"], "label": ["A", "B", "C", "D"]}},
+    ]),
+    "hellaswag": ("validation", [
+        {"activity_label": "Cooking", "ctx_a": "A man cracks an egg.", "ctx_b": "he", "label": "1",
+         "endings": ["sings a song.", "pours it into a pan.", "flies away.", "paints the wall."]},
+        {"activity_label": "Running", "ctx_a": "A woman ties her shoes.", "ctx_b": "she", "label": "0",
+         "endings": ["starts to run.", "eats the shoe.", "melts.", "turns blue."]},
+    ]),
+    "piqa": ("validation", [
+        {"goal": "Dry wet hands.", "sol1": "Use a towel.", "sol2": "Use a bucket of water.", "label": 0},
+        {"goal": "Open a jar.", "sol1": "Freeze the lid.", "sol2": "Twist the lid.", "label": 1},
+    ]),
+    "winogrande": ("validation", [
+        {"sentence": "The cup fell off the table because _ was at the edge.", "option1": "the cup",
+         "option2": "the table", "answer": "1"},
+        {"sentence": "Anna gave Maria a book because _ had finished it.", "option1": "Anna", "option2": "Maria",
+         "answer": "1"},
+    ]),
+    "lambada_openai": ("test", [
+        {"text": "She opened the door and walked into the kitchen"},
+        {"text": "The train left the station on time this morning"},
+    ]),
+}
+# The metrics each task's own lm-eval config defines (with their standard errors).
+HUB_METRICS = {"arc_easy": {"acc", "acc_norm"}, "hellaswag": {"acc", "acc_norm"}, "piqa": {"acc", "acc_norm"},
+               "winogrande": {"acc"}, "lambada_openai": {"acc", "perplexity"}}
+
+
+def write_hub_copies(folder) -> dict[str, dict[str, str]]:
+    files = {}
+    for task, (split, rows) in HUB_ROWS.items():
+        path = folder / f"{task}-{split}.jsonl"
+        path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+        files[task] = {split: str(path)}
+    return files
+
+
+def test_hub_tasks_run_unchanged_on_local_copies_of_their_data(model, tokenizer, tmp_path) -> None:
+    """The issue's five hub tasks, with the hub offline: lm-eval's own task configs read the local files."""
+    task_data = write_hub_copies(tmp_path)
+    results = evaluate_tasks(model, tokenizer, list(HUB_ROWS), batch_size=4, task_data=task_data)
+    assert set(results) == set(HUB_ROWS)
+    for task, metrics in results.items():
+        assert set(metrics) == HUB_METRICS[task] | {f"{m}_stderr" for m in HUB_METRICS[task]}, task
+        assert all(math.isfinite(value) for value in metrics.values())
+    for task in load_tasks(list(HUB_ROWS), task_data):
+        registered = task_manager().task_index[task.config.task].cfg  # functions as "<file>.<name>" strings
+        for option in ("process_docs", "doc_to_text", "doc_to_target", "doc_to_choice", "metric_list"):
+            value = getattr(task.config, option)
+            if callable(value):
+                assert registered[option].endswith(f".{value.__name__}"), (task.config.task, option)
+            else:
+                assert value == registered.get(option), (task.config.task, option)
+        assert task.config.dataset_path == "json" and len(task.eval_docs) == 2
+
+
+@pytest.mark.parametrize("tasks,task_data,needle", [
+    (["arc_easy"], {"arc_easy": {"dev": "x.jsonl"}}, "eval.task_data.arc_easy: splits ['dev']; allowed are"),
+    (["arc_easy"], {"arc_easy": {"test": "/no/such.jsonl"}}, "eval.task_data.arc_easy.test='/no/such.jsonl'"),
+    ([], {"arc_easy": {"test": "x.jsonl"}}, "eval.task_data: ['arc_easy'] not in eval.tasks=[]"),
+    (["pydoc_cloze"], {"pydoc_cloze": {"test": "x.jsonl"}}, "'pydoc_cloze' is not one of lm-eval's hub tasks"),
+])
+def test_bad_task_data_is_one_line_value_error(tasks, task_data, needle) -> None:
+    with pytest.raises(ValueError) as err:
+        load_tasks(tasks, task_data)
+    assert needle in str(err.value) and "allowed" in str(err.value) and "\n" not in str(err.value)

@@ -5,8 +5,9 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
-from ptq.pipeline import run
+from ptq.pipeline import baseline_key, run
 
 
 def test_run_writes_results_and_summary(tiny_config, tmp_path, capsys):
@@ -30,6 +31,16 @@ def test_baseline_is_cached_across_runs(tiny_config, tmp_path):
     assert first["metrics"]["baseline"] == second["metrics"]["baseline"]
     third = run(tiny_config("eval.max_windows=2"), tmp_path / "c")
     assert not third["baseline_from_cache"]
+
+
+def test_baseline_key_follows_the_contents_of_local_task_files(tiny_config, tmp_path):
+    data = tmp_path / "arc_easy.jsonl"
+    data.write_text('{"question": "a"}\n')
+    cfg = tiny_config("eval.tasks=[arc_easy]", f"+eval.task_data.arc_easy.test={data}")
+    windows = torch.zeros(2, 8, dtype=torch.long)
+    before = baseline_key(cfg, windows)
+    data.write_text('{"question": "b"}\n')
+    assert baseline_key(cfg, windows) != before
 
 
 def test_offline_wandb_run_is_written(tiny_config, tmp_path):
