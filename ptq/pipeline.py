@@ -25,6 +25,9 @@ from ptq.report import summary_table
 from ptq.tracking import Tracker, completed_results, git_commit, versions, write_results
 from ptq.transforms.llm_int8 import LLMInt8Linear
 
+# Part of every cached baseline's key: bumped when a workload's metrics change, so no stale baseline is reused.
+BASELINE_METRICS_VERSION = 2  # 2: the classifier also reports its test cross-entropy (nll)
+
 
 class Timer:
     def __init__(self) -> None:
@@ -93,7 +96,7 @@ def language_model(cfg: DictConfig, device: str) -> Workload:
 
 def classifier(cfg: DictConfig, device: str) -> Workload:
     """The digits MLP (``ptq.models.digits``): trained at load time with ``seed``, calibrated on every training
-    image, scored by test accuracy. Of ``data`` only ``batch_size`` applies."""
+    image, scored by test accuracy and cross-entropy. Of ``data`` only ``batch_size`` applies."""
     if cfg.eval.tasks:
         raise ConfigError(f"eval.tasks={list(cfg.eval.tasks)!r}: model.kind=classifier is scored by accuracy; "
                           "allowed is []")
@@ -102,7 +105,7 @@ def classifier(cfg: DictConfig, device: str) -> Workload:
 
     def evaluate() -> dict[str, float]:
         model.to(device)
-        metrics = {"accuracy": digits.accuracy(model, split.test_x, split.test_y, device=device)}
+        metrics = digits.classification_metrics(model, split.test_x, split.test_y, device=device)
         model.to("cpu")
         return metrics
 
@@ -145,8 +148,8 @@ def baseline_key(cfg: DictConfig, windows: torch.Tensor) -> str:
     if cfg.eval.task_data:
         tasks["task_data"] = {task: {split: hashlib.sha256(Path(path).expanduser().read_bytes()).hexdigest()[:16]
                                      for split, path in files.items()} for task, files in task_data(cfg).items()}
-    blob = json.dumps({"model": model, "data": cfg.data.name, "path": cfg.data.path, "windows": digest, **tasks},
-                      sort_keys=True)
+    blob = json.dumps({"model": model, "data": cfg.data.name, "path": cfg.data.path, "windows": digest, **tasks,
+                       "metrics_version": BASELINE_METRICS_VERSION}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:24]
 
 

@@ -7,7 +7,7 @@ import torch
 from conftest import compose_config
 
 from ptq.config import ConfigError, validate
-from ptq.models.digits import DigitsMLP, accuracy, load_digits_split, train_mlp
+from ptq.models.digits import DigitsMLP, classification_metrics, load_digits_split, train_mlp
 from ptq.pipeline import run
 
 DIGITS = ["model=digits_mlp", "logger=none", "progress=false", "method=rtn", "bits=8", "group_size=null"]
@@ -30,7 +30,7 @@ def test_split_is_seeded_disjoint_and_scaled(split):
 def test_training_is_deterministic_and_learns(split):
     first, second = train_mlp(split, seed=0, epochs=2), train_mlp(split, seed=0, epochs=2)
     assert all(torch.equal(a, b) for a, b in zip(first.parameters(), second.parameters(), strict=True))
-    assert accuracy(train_mlp(split, seed=0), split.test_x, split.test_y) > 0.95
+    assert classification_metrics(train_mlp(split, seed=0), split.test_x, split.test_y)["accuracy"] > 0.95
 
 
 def test_one_block_model_for_the_engine():
@@ -42,7 +42,7 @@ def test_int8_per_channel_and_per_tensor_through_the_pipeline(tmp_path):
     channel = run(compose_config(DIGITS, tmp_path), tmp_path / "channel")
     tensor = run(compose_config([*DIGITS, "method.steps.0.weight.granularity=tensor"], tmp_path), tmp_path / "tensor")
     assert tensor["baseline_from_cache"] and channel["metrics"]["baseline"] == tensor["metrics"]["baseline"]
-    assert set(channel["metrics"]["quantized"]) == {"accuracy"} and channel["eval_windows"] == 539
+    assert set(channel["metrics"]["quantized"]) == {"accuracy", "nll"} and channel["eval_windows"] == 539
     assert channel["metrics"]["quantized"]["accuracy"] == pytest.approx(channel["metrics"]["baseline"]["accuracy"],
                                                                         abs=0.01)
     assert {row["group_size"] for row in tensor["layers"].values()} == {"tensor"}

@@ -3,7 +3,7 @@
 The data are the 1,797 8×8 images of ``sklearn.datasets.load_digits`` (UCI optical digits, Alpaydin & Kaynak
 1998; shipped inside scikit-learn, no download), pixels 0..16 scaled to [0, 1]. A seeded permutation splits them
 70 / 30 into training and test images. The model, 64 → 256 → 256 → 10 with ReLU, trains in seconds with Adam and
-is scored by test accuracy.
+is scored by test accuracy and cross-entropy.
 
 For the block engine (``ptq.calibrate``) the whole MLP is one block: ``DigitsMLP.layers`` is a ModuleList holding
 it, and ``MAPPING`` lists its linears. fc1 reads pixels (nothing before it can absorb a scale); fc2 and fc3 read
@@ -103,10 +103,14 @@ def train_mlp(split: DigitsSplit, seed: int = 0, epochs: int = 25, batch_size: i
 
 
 @torch.no_grad()
-def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 512,
-             device: str | torch.device = "cpu") -> float:
-    """Fraction of ``x``'s images whose arg-max logit is the label ``y``."""
-    correct = 0
+def classification_metrics(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 512,
+                           device: str | torch.device = "cpu") -> dict[str, float]:
+    """``accuracy``: fraction of ``x``'s images whose arg-max logit is the label ``y``; ``nll``: mean cross-entropy
+    of the labels in nats, which moves with every logit while accuracy only moves when an arg-max flips (on 539
+    test images one flip is 0.19 points)."""
+    correct, nll = 0, 0.0
     for xb, yb in zip(x.split(batch_size), y.split(batch_size), strict=True):
-        correct += int((model(xb.to(device)).argmax(dim=-1).cpu() == yb).sum())
-    return correct / len(y)
+        logits = model(xb.to(device)).float().cpu()
+        correct += int((logits.argmax(dim=-1) == yb).sum())
+        nll += float(F.cross_entropy(logits, yb, reduction="sum"))
+    return {"accuracy": correct / len(y), "nll": nll / len(y)}
