@@ -189,6 +189,14 @@ def test_hub_tasks_run_unchanged_on_local_copies_of_their_data(model, tokenizer,
         assert task.config.dataset_path == "json" and len(task.eval_docs) == 2
 
 
+def test_task_data_without_the_tasks_columns_is_one_line_value_error(tmp_path) -> None:
+    path = tmp_path / "arc_easy.jsonl"
+    path.write_text('{"text": "no question, no choices"}\n')
+    with pytest.raises(ValueError, match="eval.task_data.arc_easy: lm-eval could not read") as err:
+        load_tasks(["arc_easy"], {"arc_easy": {"test": str(path)}})
+    assert "allowed are files with the hub dataset's columns" in str(err.value) and "\n" not in str(err.value)
+
+
 @pytest.mark.parametrize("tasks,task_data,needle", [
     (["arc_easy"], {"arc_easy": {"dev": "x.jsonl"}}, "eval.task_data.arc_easy: splits ['dev']; allowed are"),
     (["arc_easy"], {"arc_easy": {"test": "/no/such.jsonl"}}, "eval.task_data.arc_easy.test='/no/such.jsonl'"),

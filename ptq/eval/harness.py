@@ -74,6 +74,18 @@ def local_task_config(name: str, files: Mapping[str, str]) -> dict[str, Any]:
     return config
 
 
+def load_local_task(name: str, files: Mapping[str, str]) -> dict[str, Any]:
+    """lm-eval's ``TaskManager.load`` of ``local_task_config``; files it cannot read as the task's dataset (other
+    columns, a broken file) fail in one line naming the key."""
+    config = local_task_config(name, files)
+    try:
+        return task_manager().load([config])
+    except Exception as err:  # whatever the user's files make datasets or the task's templates raise
+        cause = " ".join(f"{type(err).__name__}: {err}".split())[:200]
+        raise ValueError(f"eval.task_data.{name}: lm-eval could not read {sorted(files.values())} as {name!r} "
+                         f"({cause}); allowed are files with the hub dataset's columns") from err
+
+
 def load_tasks(names: list[str], task_data: Mapping[str, Mapping[str, str]] | None = None) -> list[Any]:
     """lm-eval Task/Group objects for ``names``, failing with one line for an unknown or unreachable task.
 
@@ -92,14 +104,16 @@ def load_tasks(names: list[str], task_data: Mapping[str, Mapping[str, str]] | No
                 f"eval.tasks: unknown task {name!r}; offline tasks: {offline} (or any lm-eval task name, "
                 "which needs the Hugging Face hub)"
             )
-        spec = local_task_config(name, task_data[name]) if name in task_data else name
-        try:
-            result = manager.load([spec])
-        except HUB_UNREACHABLE as err:
-            raise TaskUnavailableError(
-                f"eval.tasks: task {name!r} needs its dataset from the Hugging Face hub, which is unreachable; "
-                f"offline tasks: {offline}"
-            ) from err
+        if name in task_data:
+            result = load_local_task(name, task_data[name])
+        else:
+            try:
+                result = manager.load([name])
+            except HUB_UNREACHABLE as err:
+                raise TaskUnavailableError(
+                    f"eval.tasks: task {name!r} needs its dataset from the Hugging Face hub, which is unreachable; "
+                    f"offline tasks: {offline}"
+                ) from err
         groups = result.get("groups", {})
         loaded += [groups[name]] if name in groups else list(result["tasks"].values())
     return loaded
