@@ -80,7 +80,7 @@ def test_outlier_part_is_exact_and_the_rest_is_quantized():
     assert torch.allclose(int8_layer(linear)(x), linear(x), atol=1e-5)
 
 
-def test_zeropoint_grid_halves_the_step_on_one_signed_tokens():
+def test_zeropoint_grid_halves_the_step_on_non_negative_tokens():
     """§2.1: absmax spends half of its 255 levels on the sign a non-negative token never takes; zeropoint does not."""
     torch.manual_seed(2)
     linear = nn.Linear(64, 32, bias=False)
