@@ -15,9 +15,10 @@ error every quantizer logs (``weight_mse``, ``weight_sqnr_db``):
 The numbers are collected by probe steps that the block engine runs like any transform (``Diagnostics.wrap``): one
 before the method's steps (raw input statistics), one after its rescalers (rescaled statistics and a copy of the
 full-precision weights the quantizer will replace), one after its quantizers (output errors). A run without
-diagnostics runs none of them. ``write_plots`` draws three PNG figures into the run directory: per-layer SQNR bars,
-the input-channel magnitudes of the layer with the strongest outliers (before and after the rescalers), and the
-histogram of one weight beside its dequantized histogram (the layer with the lowest weight SQNR).
+diagnostics runs none of them. ``write_plots`` draws three PNG figures into the run directory: per-layer weight and
+output SQNR by block and layer role, the input-channel magnitudes of the layer with the strongest outliers among
+those the rescalers changed (before and after them), and the histogram of one weight beside its dequantized
+histogram (the layer with the lowest weight SQNR).
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from ptq.transforms.base import Quantizer
 
 DIAGNOSTIC_BATCHES = 2
 HISTOGRAM_SAMPLES = 1 << 20  # a larger weight is subsampled (every k-th element) for its histogram
+RESCALED_RTOL = 1e-3  # channel maxima within this of the raw ones: the rescalers left that input alone
 
 
 def sqnr_db(signal: float, noise: float) -> float:
@@ -174,6 +176,15 @@ class Diagnostics:
         self.sample = WeightSample(layer, weight.flatten()[::step].cpu().numpy(),
                                    dequantized.float().flatten()[::step].cpu().numpy(), sqnr)
 
+    def channel_plot_layer(self) -> str:
+        """The layer whose input channels are drawn: the strongest outliers (max / median of the channels' max |x|)
+        among the inputs the rescalers changed, so that before and after differ (SmoothQuant leaves Llama's
+        down_proj, often the most outlier-heavy input, alone); among all inputs if there is no rescaler or it
+        changed none."""
+        changed = [name for name in self.raw if self.rescalers and not torch.allclose(
+            self.raw[name].channel_absmax, self.rescaled[name].channel_absmax, rtol=RESCALED_RTOL)]
+        return max(changed or list(self.raw), key=lambda name: self.raw[name].outlier_ratio())
+
     def write_plots(self, layers: dict[str, dict[str, Any]], directory: Path) -> dict[str, Path]:
         """The three figures as PNG files in ``directory``; returns {W&B key: path}."""
         directory = Path(directory)
@@ -183,7 +194,7 @@ class Diagnostics:
                 short_names(list(layers)), [row.get("weight_sqnr_db", math.nan) for row in layers.values()],
                 [row.get("output_sqnr_db", math.nan) for row in layers.values()], directory / "layer_sqnr.png")
         if self.raw:
-            layer = max(self.raw, key=lambda name: self.raw[name].outlier_ratio())
+            layer = self.channel_plot_layer()
             after = self.rescaled[layer].channel_absmax.numpy() if self.rescalers else None
             images["diagnostics/activation_channels"] = plot_channel_magnitudes(
                 self.raw[layer].channel_absmax.numpy(), after, layer, "+".join(self.rescalers),

@@ -66,7 +66,7 @@ def test_short_names_drop_the_shared_prefix():
     assert short_names(["only.one"]) == ["only.one"]
 
 
-def diagnosed(bits: int, steps_before: list | None = None
+def diagnosed(bits: int, steps_before: list | None = None, samples: torch.Tensor | None = None
               ) -> tuple[Diagnostics, dict, DigitsMLP, DigitsMLP, torch.Tensor]:
     """A small MLP calibrated with ``steps_before`` and RTN at ``bits`` under the probes (batches of 8)."""
     torch.manual_seed(0)
@@ -74,7 +74,7 @@ def diagnosed(bits: int, steps_before: list | None = None
     reference = copy.deepcopy(model)
     probe = Diagnostics(batches=2)
     rtn = RTN(weight=QuantSpec(bits=bits, granularity="channel"))
-    samples = torch.rand(64, 16)
+    samples = torch.rand(64, 16) if samples is None else samples
     logs = calibrate(model, MAPPING, samples, probe.wrap([*(steps_before or []), rtn]), batch_size=8,
                      progress=False)
     return probe, logs, model, reference, samples
@@ -102,6 +102,18 @@ def test_rescaled_statistics_after_smoothquant_with_alpha_one_are_flat():
     assert torch.allclose(after[after > 0], torch.ones(()), rtol=1e-4)
     assert logs["layers.0.fc2"]["act_outlier_ratio_rescaled"] == pytest.approx(1.0, rel=1e-4)
     assert logs["layers.0.fc2"]["act_outlier_ratio"] > 1.0
+
+
+def test_channel_figure_shows_the_strongest_outliers_among_the_inputs_the_rescalers_changed():
+    """fc1 reads the pixels (nothing before it takes a scale): its outlier channel is the strongest, but the
+    figure before and after SmoothQuant must show an input that SmoothQuant changed."""
+    samples = torch.rand(64, 16)
+    samples[:, 3] *= 1000.0
+    probe, *_ = diagnosed(bits=8, steps_before=[SmoothQuant(alpha=0.5, include_linear_prev=True)], samples=samples)
+    assert max(probe.raw, key=lambda name: probe.raw[name].outlier_ratio()) == "layers.0.fc1"
+    assert probe.channel_plot_layer() in {"layers.0.fc2", "layers.0.fc3"}
+    plain, *_ = diagnosed(bits=8, samples=samples)
+    assert plain.channel_plot_layer() == "layers.0.fc1"
 
 
 def test_write_plots_draws_three_figures(tmp_path):
