@@ -284,14 +284,16 @@ def plot_channel_magnitudes(before: np.ndarray, after: np.ndarray | None, layer:
     fig = Figure(figsize=(9, 4), layout="constrained")
     ax = fig.subplots()
     channels = np.arange(len(before))
-    label = f"before {rescaler}" if after is not None else "calibration inputs"
+    ratio = f"max / median {outlier_ratio(before):.1f}"
+    label = f"before {rescaler} ({ratio})" if after is not None else f"calibration inputs ({ratio})"
     ax.plot(channels, positive(before), ".", ms=3, label=label)
     if after is not None:
-        ax.plot(channels, positive(after), ".", ms=3, label=f"after {rescaler}")
+        ax.plot(channels, positive(after), ".", ms=3,
+                label=f"after {rescaler} (max / median {outlier_ratio(after):.1f})")
     ax.set_yscale("log")
     ax.set_xlabel("input channel j")
     ax.set_ylabel("max_t |x_tj| over calibration tokens")
-    ax.set_title(f"Input channel magnitudes of {layer} (max / median = {outlier_ratio(before):.1f})")
+    ax.set_title(f"Input channel magnitudes of {layer}")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.savefig(path, dpi=100)
