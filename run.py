@@ -7,6 +7,7 @@ from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from ptq.config import ConfigError, preflight, register_configs
@@ -19,6 +20,8 @@ def main(cfg: DictConfig) -> float:
     """One run; returns what an Optuna sweep minimises: perplexity (language models) or −accuracy (classifiers)."""
     from ptq.pipeline import run
 
+    if HydraConfig.get().mode == RunMode.MULTIRUN and cfg.logger.group is None:
+        cfg.logger.group = cfg.sweep_name  # a sweep's runs form one W&B group
     try:
         results = run(cfg, Path(HydraConfig.get().runtime.output_dir))
     except ConfigError as error:

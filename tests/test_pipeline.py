@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 
 from ptq.pipeline import baseline_key, run
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_run_writes_results_and_summary(tiny_config, tmp_path, capsys):
@@ -74,3 +79,15 @@ def test_packed_torch_backend_matches_fake_quant(tiny_config, tmp_path):
     assert packed["metrics"]["quantized"]["perplexity"] == pytest.approx(
         fake["metrics"]["quantized"]["perplexity"], rel=1e-3)
     assert packed["size"]["packed_mb"] < fake["size"]["fp16_mb"] * 2  # the fp32 embeddings dominate a tiny model
+
+
+def test_a_multirun_groups_its_wandb_runs_by_sweep_name(tmp_path):
+    from conftest import TINY
+
+    sweep = tmp_path / "multirun"
+    command = [sys.executable, str(ROOT / "run.py"), "-m", *TINY, "logger=wandb", "logger.mode=offline", "bits=3,4",
+               "sweep_name=grouped", f"hydra.sweep.dir={sweep}", f"eval.cache_dir={tmp_path / 'cache'}"]
+    subprocess.run(command, check=True, capture_output=True, timeout=600, cwd=tmp_path)
+    runs = [json.loads(path.read_text()) for path in sweep.glob("*/results.json")]
+    assert len(runs) == 2 and {r["config"]["logger"]["group"] for r in runs} == {"grouped"}
+    assert all(list(Path(r["wandb_dir"]).parent.glob("*.wandb")) for r in runs)  # <run>/files: its offline run
