@@ -7,6 +7,7 @@ is loaded — and raises ``ConfigError`` with one line naming the key, the value
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -189,6 +190,9 @@ def _one_line(error: BaseException) -> str:
         error = error.__cause__
     message = str(getattr(error, "msg", None) or error).strip().splitlines()[0]
     key = getattr(error, "full_key", None)
+    if re.match(r"Key '[^']*' (is )?not in ", message):  # an override of a key the config does not have
+        message += ("; allowed are the config's keys (python run.py --cfg job lists them), or +key=value to add one "
+                    "where the config takes new keys (e.g. +eval.task_data.<task>.test=<file>)")
     return f"{key}: {message}" if key else message
 
 

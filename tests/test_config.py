@@ -25,6 +25,8 @@ BAD_OVERRIDES = [
     (["data=text", "data.path=/no/such/file.txt"], "data.path='/no/such/file.txt'"),
     (["model=hf", "model.source=nobody-xyz/not-a-cached-model"], "model.source='nobody-xyz/not-a-cached-model'"),
     (["device=tpu"], "device='tpu'"),
+    (["bitz=4"], "bitz: Key 'bitz' not in 'Config'"),
+    (["eval.task_data.arc_easy.test=a.jsonl"], "eval.task_data.arc_easy: Key 'arc_easy' is not in struct"),
     (["eval.tasks=[arc_easy]", "+eval.task_data.arc_easy.test=/no/such.jsonl"],
      "eval.task_data.arc_easy.test='/no/such.jsonl'"),
 ]
