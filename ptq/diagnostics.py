@@ -181,9 +181,11 @@ class Diagnostics:
         among the inputs the rescalers changed, so that before and after differ (SmoothQuant leaves Llama's
         down_proj, often the most outlier-heavy input, alone); among all inputs if there is no rescaler or it
         changed none."""
-        changed = [name for name in self.raw if self.rescalers and not torch.allclose(
-            self.raw[name].channel_absmax, self.rescaled[name].channel_absmax, rtol=RESCALED_RTOL)]
-        return max(changed or list(self.raw), key=lambda name: self.raw[name].outlier_ratio())
+        candidates = list(self.raw)
+        if self.rescalers:
+            candidates = [name for name in candidates if not torch.allclose(
+                self.raw[name].channel_absmax, self.rescaled[name].channel_absmax, rtol=RESCALED_RTOL)] or candidates
+        return max(candidates, key=lambda name: self.raw[name].outlier_ratio())
 
     def write_plots(self, layers: dict[str, dict[str, Any]], directory: Path) -> dict[str, Path]:
         """The three figures as PNG files in ``directory``; returns {W&B key: path}."""

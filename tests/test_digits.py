@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 from conftest import compose_config
 
 from ptq.config import ConfigError, validate
@@ -31,6 +32,14 @@ def test_training_is_deterministic_and_learns(split):
     first, second = train_mlp(split, seed=0, epochs=2), train_mlp(split, seed=0, epochs=2)
     assert all(torch.equal(a, b) for a, b in zip(first.parameters(), second.parameters(), strict=True))
     assert classification_metrics(train_mlp(split, seed=0), split.test_x, split.test_y)["accuracy"] > 0.95
+
+
+def test_metrics_accumulated_over_batches_equal_one_pass_over_the_test_set(split):
+    model = train_mlp(split, seed=0, epochs=2)
+    metrics = classification_metrics(model, split.test_x, split.test_y, batch_size=100)  # 539: a ragged last batch
+    logits = model(split.test_x)
+    assert metrics["accuracy"] == int((logits.argmax(dim=-1) == split.test_y).sum()) / len(split.test_y)
+    assert metrics["nll"] == pytest.approx(float(F.cross_entropy(logits, split.test_y)), rel=1e-5)
 
 
 def test_one_block_model_for_the_engine():

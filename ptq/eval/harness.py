@@ -52,8 +52,9 @@ def local_task_config(name: str, files: Mapping[str, str]) -> dict[str, Any]:
     from lm_eval.tasks._yaml_loader import load_yaml
 
     key = f"eval.task_data.{name}"
-    entry = task_manager().task_index.get(name)
-    if entry is None or entry.yaml_path is None or name in OFFLINE_TASKS or name in task_manager().all_groups:
+    manager = task_manager()
+    entry = manager.task_index.get(name)
+    if entry is None or entry.yaml_path is None or name in OFFLINE_TASKS or name in manager.all_groups:
         raise ValueError(f"{key}: {name!r} is not one of lm-eval's hub tasks; allowed is a single lm-eval task "
                          "whose dataset comes from the Hugging Face hub")
     unknown = sorted(set(files) - set(SPLIT_KEYS))
