@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from ptq.spec import QuantSpec
 
 EPS = 1e-8
+SCALE_TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 def slots(x: torch.Tensor, spec: QuantSpec, pad: float | None = None) -> torch.Tensor:
@@ -46,6 +47,20 @@ def expand(param: torch.Tensor, spec: QuantSpec, features: int) -> torch.Tensor:
     return param.repeat_interleave(spec.group_size, dim=-1)[..., :features]
 
 
+def round_scale(scale: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+    """``scale`` rounded to the nearest value of ``spec.scale_dtype``, as float32.
+
+    Scales outside the format's normal range are clamped into it (float16 would otherwise flush a tiny scale to 0
+    or overflow a huge one). A float64 scale (GPTQ with a float64 Hessian) is rounded to float32, which every
+    checkpoint stores at most.
+    """
+    dtype = SCALE_TORCH_DTYPES[spec.scale_dtype]
+    if dtype == torch.float32:
+        return scale.float()
+    info = torch.finfo(dtype)
+    return scale.clamp(info.tiny, info.max).to(dtype).float()
+
+
 def qparams_from_range(xmin: torch.Tensor, xmax: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
     """Scale and zero point that map [xmin, xmax] onto the spec's integers.
 
@@ -54,13 +69,14 @@ def qparams_from_range(xmin: torch.Tensor, xmax: torch.Tensor, spec: QuantSpec) 
     Symmetric: s = max|x| / ((qmax − qmin) / 2), z = 0 — the grid spans all 2^b integers, so +max|x| lands half a
     step past qmax and is clipped by at most s/2 (the convention of the GPTQ reference and llm-compressor; on
     SmolLM2's weights it lowers the W3 g64 rounding error by 23% against the textbook s = max|x| / qmax).
+    The scale is rounded to ``spec.scale_dtype`` (``round_scale``) before the zero point is derived from it.
     """
     xmin = torch.minimum(xmin.float(), torch.zeros_like(xmin, dtype=torch.float32))
     xmax = torch.maximum(xmax.float(), torch.zeros_like(xmax, dtype=torch.float32))
     if spec.symmetric:
-        scale = torch.maximum(xmax, -xmin).clamp_min(EPS) / ((spec.qmax - spec.qmin) / 2)
+        scale = round_scale(torch.maximum(xmax, -xmin).clamp_min(EPS) / ((spec.qmax - spec.qmin) / 2), spec)
         return scale, torch.zeros_like(scale)
-    scale = (xmax - xmin).clamp_min(EPS) / (spec.qmax - spec.qmin)
+    scale = round_scale((xmax - xmin).clamp_min(EPS) / (spec.qmax - spec.qmin), spec)
     zero = (spec.qmin - torch.round(xmin / scale)).clamp(spec.qmin, spec.qmax)
     return scale, zero
 

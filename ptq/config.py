@@ -12,10 +12,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
-from ptq.spec import MAX_BITS, MIN_BITS
+from ptq.spec import MAX_BITS, MIN_BITS, SCALE_DTYPES
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 DEVICES = ("auto", "cpu", "cuda")
@@ -24,6 +25,8 @@ LOGGERS = ("wandb", "none")
 WANDB_MODES = ("offline", "online", "disabled")
 PROPAGATE = ("quantized", "fp")
 MODEL_KINDS = ("causal_lm", "classifier")  # ptq.pipeline.WORKLOADS
+AUTO = "auto"
+METHOD_NONE = "none"  # configs/method/none.yaml: no steps, evaluate the loaded checkpoint
 
 
 class ConfigError(ValueError):
@@ -36,7 +39,7 @@ class ModelConfig:
     kind: str = "causal_lm"
     source: str = "smollm2-135m"
     gguf_file: str | None = None
-    dtype: str = "float32"
+    dtype: str = "float32"  # auto: the checkpoint's own dtype
     random_init: dict[str, Any] | None = None
 
 
@@ -84,6 +87,7 @@ class Config:
     bits: int = 4
     group_size: int | None = 128
     symmetric: bool = True
+    scale_dtype: str = "auto"
     seed: int = 0
     device: str = "auto"
     backend: str = "fake"
@@ -94,6 +98,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     method: MethodConfig = field(default_factory=MethodConfig)
     observer: dict[str, Any] = field(default_factory=lambda: {"name": "minmax"})
+    export: dict[str, Any] = field(default_factory=lambda: {"name": "none"})
     eval: EvalConfig = field(default_factory=EvalConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
 
@@ -123,7 +128,8 @@ def _positive(key: str, value: Any, optional: bool = False) -> None:
 def validate(cfg: DictConfig) -> list[Any]:
     """Check every value that can be checked without loading a model; return the built method steps."""
     from ptq.data import DATASETS
-    from ptq.models.loading import DTYPES, ModelSourceError, check_available, resolve_source
+    from ptq.export import EXPORT_NONE, EXPORTERS
+    from ptq.models.loading import MODEL_DTYPES, ModelSourceError, check_available, resolve_source
     from ptq.transforms import build_steps
 
     if not isinstance(cfg.bits, int) or not MIN_BITS <= cfg.bits <= MAX_BITS:
@@ -131,7 +137,7 @@ def validate(cfg: DictConfig) -> list[Any]:
     _positive("group_size", cfg.group_size, optional=True)
     _choice("device", cfg.device, DEVICES)
     _choice("backend", cfg.backend, BACKENDS)
-    _choice("model.dtype", cfg.model.dtype, tuple(DTYPES))
+    _choice("model.dtype", cfg.model.dtype, MODEL_DTYPES)
     _choice("model.kind", cfg.model.kind, MODEL_KINDS)
     _choice("data.name", cfg.data.name, tuple(DATASETS))
     for key in ("n_samples", "seq_len", "batch_size"):
@@ -151,11 +157,32 @@ def validate(cfg: DictConfig) -> list[Any]:
             check_available(resolve_source(cfg.model.source, cfg.model.gguf_file))
         except ModelSourceError as error:
             raise ConfigError(str(error)) from None
+    _choice("export.name", cfg.export.name, (EXPORT_NONE, *EXPORTERS))
+    _choice("scale_dtype", cfg.scale_dtype, (AUTO, *SCALE_DTYPES))
+    steps = OmegaConf.to_container(cfg.method.steps, resolve=True)
+    if not steps and cfg.method.name != METHOD_NONE:
+        raise ConfigError(f"method.steps=[]: method={cfg.method.name} needs at least one step "
+                          f"(method={METHOD_NONE} evaluates a checkpoint as loaded)")
     try:
-        steps = OmegaConf.to_container(cfg.method.steps, resolve=True)
-        return build_steps(steps, OmegaConf.to_container(cfg.observer, resolve=True))
+        return build_steps(steps, OmegaConf.to_container(cfg.observer, resolve=True), scale_dtype(cfg))
     except ValueError as error:
         raise ConfigError(str(error)) from None
+
+
+def scale_dtype(cfg: DictConfig) -> str:
+    """``scale_dtype``, with ``auto`` resolved to what ``export`` stores exactly (``ptq.export.exact_scale_dtype``)."""
+    from ptq.export import exact_scale_dtype
+    from ptq.models.loading import DTYPES, checkpoint_dtype, resolve_source
+
+    if cfg.scale_dtype != AUTO:
+        return cfg.scale_dtype
+
+    def model_dtype() -> torch.dtype:
+        if cfg.model.random_init is not None or cfg.model.kind != "causal_lm":
+            return DTYPES.get(cfg.model.dtype, torch.float32)
+        return checkpoint_dtype(resolve_source(cfg.model.source, cfg.model.gguf_file), cfg.model.dtype)
+
+    return exact_scale_dtype(cfg.export.name, model_dtype)
 
 
 def group_options(group: str) -> list[str]:

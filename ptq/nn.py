@@ -1,8 +1,9 @@
 """Quantized modules for research: a Linear with fake-quantized weights and (optionally) activations.
 
 ``FakeQuantLinear`` keeps the dequantized weight Ŵ = s · (q − z) in floating point, so it runs on any device
-and any backend; it also keeps the integer grid (``weight_scale``, ``weight_zero``, ``weight_spec``,
-``g_idx``) so that ``ptq.packed.convert`` can turn it into packed integer storage for the kernels.
+and any backend; it also keeps the integers the quantizer decided (``weight_int``) and their grid
+(``weight_scale``, ``weight_zero``, ``weight_spec``, ``g_idx``), so that ``ptq.packed.convert`` can pack them for
+the kernels and ``ptq.export`` can write them to a checkpoint without rounding anything again.
 """
 
 from __future__ import annotations
@@ -46,17 +47,19 @@ class ActivationQuantizer(nn.Module):
 class FakeQuantLinear(nn.Module):
     """y = Q_a(x) Ŵᵀ + b with Ŵ the dequantized weight on the integer grid (weight_scale, weight_zero, g_idx).
 
-    ``g_idx[j]`` is the group of input column j (not monotone after GPTQ's act-order without static groups).
+    ``weight_int`` holds the integers q [out, in] in ``spec.integer_dtype``; ``g_idx[j]`` is the group of input
+    column j (not monotone after GPTQ's act-order without static groups).
     """
 
     def __init__(self, linear: nn.Linear, weight: torch.Tensor, spec: QuantSpec, scale: torch.Tensor,
-                 zero: torch.Tensor, g_idx: torch.Tensor | None = None,
+                 zero: torch.Tensor, q: torch.Tensor, g_idx: torch.Tensor | None = None,
                  input_quantizer: ActivationQuantizer | None = None) -> None:
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.weight = nn.Parameter(weight.to(linear.weight.dtype), requires_grad=False)
         self.bias = linear.bias
         self.weight_spec = spec
+        self.register_buffer("weight_int", q.to(spec.integer_dtype))
         self.register_buffer("weight_scale", scale)
         self.register_buffer("weight_zero", zero)
         self.register_buffer("g_idx", g_idx)

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +20,19 @@ from ptq.config import ConfigError, validate
 from ptq.data import calibration_samples, evaluation_windows, load_tokens
 from ptq.diagnostics import Diagnostics
 from ptq.eval.perplexity import perplexity
-from ptq.models import Mapping, digits, load_pretrained, load_tokenizer, mapping_for, random_llama, resolve_source
+from ptq.export import EXPORT_NONE, EXPORTERS, ExportContext, Exporter, ExportError, ExportPlan, files_size
+from ptq.models import (
+    Mapping,
+    ResolvedSource,
+    digits,
+    load_pretrained,
+    load_tokenizer,
+    mapping_for,
+    random_llama,
+    resolve_source,
+)
+from ptq.models.loading import DTYPES, checkpoint_dtype, embedded_smollm2, load_config, random_llama_config
+from ptq.models.mappings import blocks_of
 from ptq.nn import FakeQuantLinear
 from ptq.report import summary_table
 from ptq.tracking import Tracker, completed_results, git_commit, versions, write_results
@@ -48,6 +61,12 @@ def pick_device(name: str) -> str:
     return name
 
 
+def embedded_gguf() -> Path:
+    """The embedded model's GGUF file (whose tokenizer random models use)."""
+    source = embedded_smollm2()
+    return Path(source.location) / source.gguf_file
+
+
 def load_model(cfg: DictConfig) -> tuple[torch.nn.Module, Any]:
     """Tokenizer and model; ``model.random_init`` builds a random Llama with the embedded tokenizer."""
     if cfg.model.random_init is not None:
@@ -60,15 +79,17 @@ def load_model(cfg: DictConfig) -> tuple[torch.nn.Module, Any]:
 
 @dataclass
 class Workload:
-    """What the pipeline needs of a kind of model (``model.kind``): the model and its mapping, the calibration
-    inputs (batched along dim 0), the evaluation inputs (they key the cached baseline) and the metrics."""
+    """What the pipeline needs of a kind of model (``model.kind``): the model and its mapping (None when nothing is
+    calibrated), the calibration inputs (batched along dim 0), the evaluation inputs (they key the cached baseline),
+    the metrics and what an export writes besides the model."""
 
     model: torch.nn.Module
-    mapping: Mapping
+    mapping: Mapping | None
     samples: torch.Tensor
     eval_data: torch.Tensor
     eval_tokens: int
     evaluate: Callable[[], dict[str, float]]
+    export_context: ExportContext = field(default_factory=ExportContext)
 
 
 def language_model(cfg: DictConfig, device: str) -> Workload:
@@ -91,7 +112,9 @@ def language_model(cfg: DictConfig, device: str) -> Workload:
         model.to("cpu")
         return metrics
 
-    return Workload(model, mapping_for(model), samples, windows, int(windows.numel()), evaluate)
+    context = ExportContext(tokenizer, source_gguf(cfg), describe_run(cfg))
+    mapping = mapping_for(model) if cfg.method.steps else None  # a loaded quantized checkpoint is not remapped
+    return Workload(model, mapping, samples, windows, int(windows.numel()), evaluate, context)
 
 
 def classifier(cfg: DictConfig, device: str) -> Workload:
@@ -109,7 +132,13 @@ def classifier(cfg: DictConfig, device: str) -> Workload:
         model.to("cpu")
         return metrics
 
-    return Workload(model, digits.MAPPING, split.train_x, split.test_x, len(split.test_x), evaluate)
+    return Workload(model, digits.MAPPING, split.train_x, split.test_x, len(split.test_x), evaluate,
+                    ExportContext(description=describe_run(cfg)))
+
+
+def describe_run(cfg: DictConfig) -> str:
+    """One line for an export's metadata: ptq, the method and its top-level scheme."""
+    return f"ptq {cfg.method.name} ({run_name(cfg)})"
 
 
 WORKLOADS: dict[str, Callable[[DictConfig, str], Workload]] = {"causal_lm": language_model, "classifier": classifier}
@@ -182,10 +211,97 @@ def check_tasks(cfg: DictConfig) -> None:
         raise ConfigError(str(error)) from None
 
 
+def skeleton(cfg: DictConfig) -> tuple[torch.nn.Module, Mapping]:
+    """The model's modules without its weights (on the meta device) and its mapping, from the config alone."""
+    if cfg.model.kind == "classifier":
+        return digits.DigitsMLP(), digits.MAPPING
+    from transformers import AutoModelForCausalLM
+
+    if cfg.model.random_init is not None:
+        options = OmegaConf.to_container(cfg.model.random_init, resolve=True)
+        config = random_llama_config(len(load_tokenizer(resolve_source("smollm2-135m"))), **options)
+    else:
+        config = load_config(resolve_source(cfg.model.source, cfg.model.gguf_file))
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    return model, mapping_for(model)
+
+
+def export_plan(cfg: DictConfig, steps: list[Any]) -> ExportPlan:
+    """What the method will make of the model's Linears, for the exporter to check before the model loads."""
+    model, mapping = skeleton(cfg)
+    names = [f"{index}.{name}" for index in range(len(blocks_of(model, mapping))) for name in mapping.linear_names]
+    blocks = blocks_of(model, mapping)
+    in_features = frozenset(blocks.get_submodule(name).in_features for name in names)
+    source = pretrained_source(cfg)
+    local_dir = None
+    if source is not None and source.kind != "hub" and not source.gguf_file:
+        local_dir = Path(source.location)
+    model_type = getattr(getattr(model, "config", None), "model_type", "digits_mlp")
+    schemes = tuple(scheme for step in steps if hasattr(step, "schemes") for scheme in step.schemes())
+    dtype = DTYPES.get(cfg.model.dtype, torch.float32) if source is None else \
+        checkpoint_dtype(source, cfg.model.dtype)
+    return ExportPlan(schemes, in_features, dtype, model_type, source_gguf(cfg), local_dir)
+
+
+def pretrained_source(cfg: DictConfig) -> ResolvedSource | None:
+    """Where a pretrained language model's weights come from; None for random models and the classifier."""
+    if cfg.model.kind != "causal_lm" or cfg.model.random_init is not None:
+        return None
+    return resolve_source(cfg.model.source, cfg.model.gguf_file)
+
+
+def source_gguf(cfg: DictConfig) -> Path | None:
+    """The GGUF file whose tokenizer and metadata an export can carry over: the model's own, or for a random Llama
+    the embedded model's (whose tokenizer it speaks); None otherwise."""
+    if cfg.model.kind == "causal_lm" and cfg.model.random_init is not None:
+        return embedded_gguf()
+    source = pretrained_source(cfg)
+    return Path(source.location) / source.gguf_file if source is not None and source.gguf_file else None
+
+
+def check_export(cfg: DictConfig, steps: list[Any]) -> Exporter | None:
+    """The run's exporter, after it has accepted every scheme of the method (one-line error otherwise)."""
+    if cfg.export.name == EXPORT_NONE:
+        return None
+    if not steps:
+        raise ConfigError(f"export={cfg.export.name}: method={cfg.method.name} quantizes nothing to export; "
+                          f"allowed is export={EXPORT_NONE} (or a method with steps)")
+    exporter = EXPORTERS[cfg.export.name]
+    try:
+        exporter.check(export_plan(cfg, steps))
+    except ExportError as error:
+        raise ConfigError(str(error)) from None
+    return exporter
+
+
+def write_export(exporter: Exporter, model: torch.nn.Module, output_dir: Path, context: ExportContext,
+                 size: dict[str, float]) -> dict[str, Any]:
+    """Write the export into ``output_dir/export``; an ``export`` folder already there is kept as
+    ``export.previous-<n>``. Returns what results.json records: format, path, size on disk beside fp16/fp32."""
+    target = output_dir / "export"
+    staging = output_dir / "export.partial"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    written = exporter.write(model, staging, context)
+    if target.exists():
+        previous = next(output_dir / f"export.previous-{n}" for n in range(1, 1000)
+                        if not (output_dir / f"export.previous-{n}").exists())
+        target.rename(previous)
+        print(f"kept the earlier export as {previous}")
+    staging.rename(target)
+    path = target / written.relative_to(staging)
+    on_disk = files_size(target) / 2**20
+    return {"format": exporter.name, "path": str(path), "mb": on_disk, "fp16_mb": size["fp16_mb"],
+            "fp32_mb": size["fp16_mb"] * 2, "x_smaller_than_fp16": size["fp16_mb"] / on_disk,
+            **context.extra}
+
+
 def run(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
     """Run one configured experiment; write ``results.json`` into ``output_dir`` and return the results."""
     steps = validate(cfg)
     check_tasks(cfg)
+    exporter = check_export(cfg, steps)
     done = completed_results(output_dir)
     if done is not None and done.get("config") == OmegaConf.to_container(cfg, resolve=True):
         print(f"skipping: {output_dir / 'results.json'} is complete for this config")
@@ -203,17 +319,26 @@ def run(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
     probe = Diagnostics() if cfg.diagnostics else None
 
     baseline, from_cache = {}, False
-    if cfg.eval.baseline:
+    if cfg.eval.baseline and steps:
         with timer.stage("eval_baseline"):
             baseline, from_cache = cached_baseline(cfg, windows, evaluate)
 
-    with timer.stage("calibrate"):
-        for step in steps:
-            if hasattr(step, "prepare"):  # a step that sees the whole model first (mixed precision's pre-pass)
-                step.prepare(model, work.mapping, samples, cfg.data.batch_size, device)
-        layers = calibrate(model, work.mapping, samples, probe.wrap(steps) if probe else steps, device,
-                           cfg.data.batch_size, cfg.method.propagate, cfg.progress)
+    layers: dict[str, Any] = {}
+    if steps:
+        with timer.stage("calibrate"):
+            for step in steps:
+                if hasattr(step, "prepare"):  # a step that sees the whole model first (mixed precision's pre-pass)
+                    step.prepare(model, work.mapping, samples, cfg.data.batch_size, device)
+            layers = calibrate(model, work.mapping, samples, probe.wrap(steps) if probe else steps, device,
+                               cfg.data.batch_size, cfg.method.propagate, cfg.progress)
     size = model_size(model)
+    source = pretrained_source(cfg)
+    if not steps and source is not None and source.kind != "hub":
+        size["checkpoint_mb"] = files_size(Path(source.location) / (source.gguf_file or "")) / 2**20
+    exported = None
+    if exporter is not None:
+        with timer.stage("export"):
+            exported = write_export(exporter, model, output_dir, work.export_context, size)
     if cfg.backend != "fake":
         from ptq.packed import convert
 
@@ -232,6 +357,7 @@ def run(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
         "eval_windows": int(windows.shape[0]),
         "eval_tokens": work.eval_tokens,
         "size": size,
+        "export": exported,
         "timings_s": timer.seconds,
         "layers": layers,
         "versions": versions(),
@@ -257,5 +383,7 @@ def flat_summary(results: dict[str, Any]) -> dict[str, Any]:
     summary = {f"{stage}/{metric}": value for stage, metrics in results["metrics"].items()
                for metric, value in metrics.items()}
     summary.update({f"size/{k}": v for k, v in results["size"].items()})
+    if results.get("export"):
+        summary.update({f"export/{k}": v for k, v in results["export"].items()})
     summary.update({f"time/{k}": v for k, v in results["timings_s"].items()})
     return summary

@@ -26,6 +26,12 @@ def summary_table(results: dict[str, Any]) -> str:
     rows.append(("size (MB)", size["fp16_mb"], size["quantized_mb"]))
     if "packed_mb" in size:
         rows.append(("stored in memory (MB)", None, size["packed_mb"]))
+    if "checkpoint_mb" in size:
+        rows.append(("checkpoint on disk (MB)", None, size["checkpoint_mb"]))
+    export = results.get("export")
+    if export:
+        rows.append((f"export {export['format']} on disk (MB) vs fp16", export["fp16_mb"], export["mb"]))
+        rows.append((f"export {export['format']} on disk (MB) vs fp32", export["fp32_mb"], export["mb"]))
     width = max(len(r[0]) for r in rows) + 2
     cached = " (cached)" if results.get("baseline_from_cache") else ""
     lines = [f"ptq · {results['method']} · {results['eval_windows']} eval windows",
@@ -33,4 +39,6 @@ def summary_table(results: dict[str, Any]) -> str:
     lines += [f"{name:<{width}}{_fmt(b):>18}{_fmt(q):>14}" for name, b, q in rows]
     times = " · ".join(f"{stage} {seconds:.1f}s" for stage, seconds in results["timings_s"].items())
     lines.append(f"time: {times}")
+    if export:
+        lines.append(f"export: {export['path']}")
     return "\n".join(lines)

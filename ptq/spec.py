@@ -9,6 +9,11 @@ s · (q − z) (Jacob et al. 2018, eq. 1). A ``QuantSpec`` fixes the integer ran
 - ``token``: one pair per row of an activation (dynamic, computed at run time);
 - ``group``: one pair per ``group_size`` consecutive input features of a row. When ``group_size`` does not
   divide the row, the last, shorter group gets its own pair.
+
+``scale_dtype`` is the floating-point format the scales are stored in (float32, float16 or bfloat16). Scales are
+rounded to it as soon as they are chosen (``ptq.affine.qparams_from_range``), before any algorithm uses them, so
+the integers that RTN, GPTQ or AWQ decide are the ones an exported checkpoint holds, and its weights equal the
+run's fake-quantized weights bit for bit.
 """
 
 from __future__ import annotations
@@ -16,9 +21,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
+import torch
+
 Granularity = Literal["tensor", "channel", "group", "token"]
 GRANULARITIES: tuple[str, ...] = ("tensor", "channel", "group", "token")
 MIN_BITS, MAX_BITS = 2, 8
+SCALE_DTYPES: tuple[str, ...] = ("float32", "float16", "bfloat16")
 
 
 @dataclass(frozen=True)
@@ -34,6 +42,7 @@ class QuantSpec:
     symmetric: bool = True
     granularity: Granularity = "group"
     group_size: int | None = 128
+    scale_dtype: str = "float32"
 
     def __post_init__(self) -> None:
         if not isinstance(self.bits, int) or not MIN_BITS <= self.bits <= MAX_BITS:
@@ -42,6 +51,8 @@ class QuantSpec:
             raise ValueError(f"granularity={self.granularity!r}: allowed are {', '.join(GRANULARITIES)}")
         if self.granularity == "group" and (not isinstance(self.group_size, int) or self.group_size < 1):
             raise ValueError(f"group_size={self.group_size!r}: a group granularity needs a positive integer")
+        if self.scale_dtype not in SCALE_DTYPES:
+            raise ValueError(f"scale_dtype={self.scale_dtype!r}: allowed are {', '.join(SCALE_DTYPES)}")
 
     @property
     def qmin(self) -> int:
@@ -51,6 +62,11 @@ class QuantSpec:
     def qmax(self) -> int:
         return 2 ** (self.bits - 1) - 1 if self.symmetric else 2**self.bits - 1
 
+    @property
+    def integer_dtype(self) -> torch.dtype:
+        """The narrowest torch integer type that holds [qmin, qmax]: int8 (symmetric) or uint8 (asymmetric)."""
+        return torch.int8 if self.symmetric else torch.uint8
+
     def n_groups(self, features: int) -> int:
         """How many (scale, zero) pairs one row of ``features`` elements gets."""
         if self.granularity != "group":
@@ -58,8 +74,37 @@ class QuantSpec:
         return -(-features // self.group_size)
 
     def bits_per_weight(self, features: int, scale_bits: int = 16) -> float:
-        """Average storage bits per element, counting one fp16 scale (and zero point if asymmetric) per group."""
+        """Average storage bits per element, counting one ``scale_bits`` scale (and zero point if asymmetric) per
+        group."""
         if self.granularity == "tensor":
             return float(self.bits)
         overhead = scale_bits + (0 if self.symmetric else self.bits)
         return self.bits + overhead * self.n_groups(features) / features
+
+
+@dataclass(frozen=True)
+class LinearScheme:
+    """What a method turns a Linear into, known from the config alone (an export checks it before any model loads).
+
+    ``act_order``: the input columns are not in group order (GPTQ's act-order without static groups), so a format
+    needs a per-column group index (``g_idx``). ``outliers``: LLM.int8()'s full-precision outlier columns, found at
+    run time.
+    """
+
+    weight: QuantSpec
+    activations: QuantSpec | None = None
+    static_activations: bool = False
+    act_order: bool = False
+    outliers: bool = False
+
+    def describe(self) -> str:
+        """A short name, e.g. ``w4 g64 asymmetric · a8 token dynamic``."""
+        w = self.weight
+        layout = f"g{w.group_size}" if w.granularity == "group" else w.granularity
+        text = f"w{w.bits} {layout} {'symmetric' if w.symmetric else 'asymmetric'}"
+        if self.act_order:
+            text += " act-order"
+        if self.activations is not None:
+            a = self.activations
+            text += f" · a{a.bits} {a.granularity} {'static' if self.static_activations else 'dynamic'}"
+        return text + (" · fp16 outliers" if self.outliers else "")

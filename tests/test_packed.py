@@ -17,7 +17,7 @@ from torch import nn
 if not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"
 
-from ptq.affine import fake_quantize, minmax_qparams, quantize_dynamic  # noqa: E402
+from ptq.affine import dequantize, fake_quantize, minmax_qparams, quantize, quantize_dynamic  # noqa: E402
 from ptq.packed import QuantLinear, act_order_permutation, convert, storage_mode  # noqa: E402
 from ptq.spec import QuantSpec  # noqa: E402
 
@@ -189,9 +189,11 @@ def test_convert_accepts_ptq_fake_quant_linear() -> None:
         spec = QuantSpec(4, False, "group", 32) if i != 1 else QuantSpec(8, True, "channel")
         linear = nn.Linear(64, 64)
         scale, zero = minmax_qparams(linear.weight.detach(), spec)
-        deq = fake_quantize(linear.weight.detach(), scale, zero, spec)
+        q = quantize(linear.weight.detach(), scale, zero, spec)
+        deq = dequantize(q, scale, zero, spec)
         g_idx = torch.arange(64) // 32 if spec.granularity == "group" else torch.zeros(64, dtype=torch.long)
-        layers.append(nn_module.FakeQuantLinear(linear, deq, spec, scale, zero, g_idx=g_idx, input_quantizer=quantizer))
+        layers.append(nn_module.FakeQuantLinear(linear, deq, spec, scale, zero, q, g_idx=g_idx,
+                                                input_quantizer=quantizer))
     model = nn.Sequential(*layers)
     with torch.no_grad():
         expected = model(x)

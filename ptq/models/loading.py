@@ -11,10 +11,15 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from ptq.models.cache import cached_load
+
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+AUTO_DTYPE = "auto"
+"""``model.dtype=auto``: the checkpoint's own dtype (``torch_dtype`` in its config; float32 for a GGUF file)."""
+MODEL_DTYPES = (AUTO_DTYPE, *DTYPES)
 
 
 class ModelSourceError(ValueError):
@@ -80,22 +85,75 @@ def load_tokenizer(source: ResolvedSource) -> Any:
 
 
 def load_pretrained(source: ResolvedSource, dtype: str) -> PreTrainedModel:
+    """The model of ``source`` in ``dtype`` (or ``auto``), in eval mode.
+
+    A GGUF file is dequantized once and then read from the model cache (``ptq.models.cache``); a directory that
+    ptq exported in its own format (``ptq.export.ptq_format``) is rebuilt with its quantized Linears; anything else
+    (a hub id, a saved or compressed-tensors directory) goes through ``from_pretrained``.
+    """
     from transformers import AutoModelForCausalLM
 
-    kwargs: dict[str, Any] = {"gguf_file": source.gguf_file} if source.gguf_file else {}
-    model = AutoModelForCausalLM.from_pretrained(source.location, dtype=DTYPES[dtype], **kwargs)
-    return model.eval()
+    if source.gguf_file:
+        gguf_path = Path(source.location) / source.gguf_file
+        dtype = "float32" if dtype == AUTO_DTYPE else dtype
+
+        def load_fresh() -> PreTrainedModel:
+            return AutoModelForCausalLM.from_pretrained(source.location, gguf_file=source.gguf_file,
+                                                        dtype=DTYPES[dtype])
+
+        def load_saved(directory: Path) -> PreTrainedModel:
+            return AutoModelForCausalLM.from_pretrained(directory, dtype=DTYPES[dtype])
+
+        model = cached_load(gguf_path, dtype, load_fresh, load_saved,
+                            lambda model, directory: model.save_pretrained(directory))
+        return model.eval()
+    if source.kind != "hub":
+        from ptq.export.ptq_format import is_ptq_checkpoint, load_ptq_checkpoint
+
+        if is_ptq_checkpoint(Path(source.location)):
+            return load_ptq_checkpoint(Path(source.location), dtype).eval()
+    torch_dtype = AUTO_DTYPE if dtype == AUTO_DTYPE else DTYPES[dtype]
+    return AutoModelForCausalLM.from_pretrained(source.location, dtype=torch_dtype).eval()
+
+
+def load_config(source: ResolvedSource) -> Any:
+    """The HF config of ``source`` (read from the GGUF file's metadata for a GGUF file), without any weights."""
+    from transformers import AutoConfig
+
+    kwargs = {"gguf_file": source.gguf_file} if source.gguf_file else {}
+    return AutoConfig.from_pretrained(source.location, **kwargs)
+
+
+def checkpoint_dtype(source: ResolvedSource, dtype: str) -> torch.dtype:
+    """The dtype ``load_pretrained(source, dtype)`` gives the model: ``dtype``, or for ``auto`` the checkpoint's
+    own (float32 for a GGUF file, which is dequantized to it, and for configs that name none)."""
+    if dtype != AUTO_DTYPE:
+        return DTYPES[dtype]
+    if source.gguf_file:
+        return torch.float32
+    declared = getattr(load_config(source), "dtype", None)
+    if isinstance(declared, str):
+        declared = DTYPES.get(declared)
+    return declared if isinstance(declared, torch.dtype) else torch.float32
+
+
+def random_llama_config(vocab_size: int, **config: Any) -> Any:
+    """The config of ``random_llama``: a two-block Llama 64 wide unless ``config`` overrides it."""
+    from transformers import LlamaConfig
+
+    defaults = dict(hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
+                    num_key_value_heads=2, max_position_embeddings=2048)
+    return LlamaConfig(vocab_size=vocab_size, **{**defaults, **config})
 
 
 def random_llama(tokenizer: Any, dtype: str, seed: int, **config: Any) -> PreTrainedModel:
-    """A small Llama with random weights (for tests and quick checks), sized by ``config`` overrides."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+    """A small Llama with random weights (for tests and quick checks), sized by ``config`` overrides; ``auto``
+    dtype is float32."""
+    from transformers import LlamaForCausalLM
 
     torch.manual_seed(seed)
-    defaults = dict(hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
-                    num_key_value_heads=2, max_position_embeddings=2048)
-    llama_config = LlamaConfig(vocab_size=len(tokenizer), **{**defaults, **config})
-    return LlamaForCausalLM(llama_config).to(DTYPES[dtype]).eval()
+    llama_config = random_llama_config(len(tokenizer), **config)
+    return LlamaForCausalLM(llama_config).to(DTYPES.get(dtype, torch.float32)).eval()
 
 
 def hub_reachable(host: str = "huggingface.co", timeout: float = 3.0) -> bool:

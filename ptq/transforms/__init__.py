@@ -23,10 +23,11 @@ TRANSFORMS: dict[str, Callable[..., Transform]] = {"rtn": RTN, "gptq": GPTQ, "aw
                                                    "llm_int8": LLMInt8, "mixed": MixedPrecision}
 
 OBSERVER_KEY = "name"
+DEFAULT_SCALE_DTYPE = "float32"
 
 
 def _spec(fields: dict[str, Any], key: str) -> QuantSpec:
-    allowed = {"bits", "symmetric", "granularity", "group_size"}
+    allowed = {"bits", "symmetric", "granularity", "group_size", "scale_dtype"}
     unknown = set(fields) - allowed
     if unknown:
         raise ValueError(f"{key}.{sorted(unknown)[0]}: unknown key; allowed are {', '.join(sorted(allowed))}")
@@ -36,19 +37,23 @@ def _spec(fields: dict[str, Any], key: str) -> QuantSpec:
         raise ValueError(f"{key}.{error}") from None
 
 
-def build_step(step: dict[str, Any], observer: dict[str, Any], index: int) -> Transform:
-    """One transform from its config dict; the weight observer defaults to the run's ``observer`` group."""
+def build_step(step: dict[str, Any], observer: dict[str, Any], index: int,
+               scale_dtype: str = DEFAULT_SCALE_DTYPE) -> Transform:
+    """One transform from its config dict; the weight observer defaults to the run's ``observer`` group, and the
+    scales of weights and of static activations are stored in ``scale_dtype`` unless the step sets its own."""
     step = dict(step)
     name = step.pop("name", None)
     key = f"method.steps[{index}]"
     if name not in TRANSFORMS:
         raise ValueError(f"{key}.name={name!r}: allowed are {', '.join(TRANSFORMS)}")
     if "weight" in step:
-        step["weight"] = _spec(dict(step["weight"]), f"{key}.weight")
+        step["weight"] = _spec({"scale_dtype": scale_dtype, **step["weight"]}, f"{key}.weight")
     activations = step.pop("activations", None)
     if activations:
         activations = dict(activations)
         act_observer = activations.pop("observer", None)
+        if act_observer:  # static qparams are stored; per-token ones are computed at run time, in float32
+            activations = {"scale_dtype": scale_dtype, **activations}
         step["activations"] = _spec(activations, f"{key}.activations")
         if act_observer:
             act_observer = dict(act_observer)
@@ -64,10 +69,10 @@ def build_step(step: dict[str, Any], observer: dict[str, Any], index: int) -> Tr
         raise ValueError(f"{key} ({name}): {error}") from None
 
 
-def build_steps(steps: list[dict[str, Any]], observer: dict[str, Any]) -> list[Transform]:
-    if not steps:
-        raise ValueError("method.steps=[]: a method needs at least one step")
-    built = [build_step(step, observer, i) for i, step in enumerate(steps)]
+def build_steps(steps: list[dict[str, Any]], observer: dict[str, Any],
+                scale_dtype: str = DEFAULT_SCALE_DTYPE) -> list[Transform]:
+    """The method's transforms, in order (none for ``method=none``, which evaluates a checkpoint as loaded)."""
+    built = [build_step(step, observer, i, scale_dtype) for i, step in enumerate(steps)]
     rescalers = [getattr(step, "rescaler", False) for step in built]
     if any(later and not earlier for earlier, later in zip(rescalers, rescalers[1:], strict=False)):
         names = [step.name for step in built]

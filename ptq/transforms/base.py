@@ -17,16 +17,17 @@ from torch import nn
 from ptq.calibrate import BlockContext
 from ptq.nn import ActivationQuantizer, FakeQuantLinear, set_submodule
 from ptq.observers import OBSERVERS, Observer, build_observer
-from ptq.spec import QuantSpec
+from ptq.spec import LinearScheme, QuantSpec
 
 
 @dataclass(frozen=True)
 class QuantizedWeight:
     """The integer grid a quantizer chose for one weight, and what it cost."""
 
-    weight: torch.Tensor  # dequantized, [out, in]
+    weight: torch.Tensor  # dequantized, [out, in]: exactly dequantize(q, scale, zero) (gathered through g_idx)
     scale: torch.Tensor
     zero: torch.Tensor
+    q: torch.Tensor  # the integers in [qmin, qmax], [out, in] (float32 or an integer dtype)
     g_idx: torch.Tensor | None = None
     loss: float | None = None  # the algorithm's own objective (e.g. GPTQ's Σ (w − q)² / [H⁻¹]ⱼⱼ)
 
@@ -72,6 +73,10 @@ class Quantizer:
     @property
     def needs_data(self) -> bool:
         return self.act_observer is not None
+
+    def schemes(self) -> list[LinearScheme]:
+        """What this step makes of the Linears it quantizes (one scheme; mixed precision has one per width)."""
+        return [LinearScheme(self.weight, self.activations, self.act_observer is not None)]
 
     def quantize_weight(self, name: str, weight: torch.Tensor, inputs: Any) -> QuantizedWeight:
         raise NotImplementedError
@@ -131,4 +136,5 @@ def layer_log(spec: QuantSpec, weight: torch.Tensor, result: QuantizedWeight) ->
 
 def swap_to_fake_quant(block: nn.Module, name: str, linear: nn.Linear, spec: QuantSpec,
                        result: QuantizedWeight) -> None:
-    set_submodule(block, name, FakeQuantLinear(linear, result.weight, spec, result.scale, result.zero, result.g_idx))
+    set_submodule(block, name, FakeQuantLinear(linear, result.weight, spec, result.scale, result.zero, result.q,
+                                               result.g_idx))

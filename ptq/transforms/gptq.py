@@ -34,7 +34,7 @@ from torch import nn
 from ptq.calibrate import BlockContext, main_input, replace_main_input
 from ptq.nn import ActivationQuantizer
 from ptq.observers import Observer, Qparams, build_observer
-from ptq.spec import QuantSpec
+from ptq.spec import LinearScheme, QuantSpec
 from ptq.transforms.base import QuantizedWeight, Quantizer, layer_log, static_input_quantizer, swap_to_fake_quant
 
 DAMP_RETRIES = 5
@@ -115,6 +115,9 @@ class GPTQResult:
     def loss(self) -> float:
         """The GPTQ error of the whole weight: the sum of ``row_loss``."""
         return float(self.row_loss.sum())
+
+    def quantized_weight(self) -> QuantizedWeight:
+        return QuantizedWeight(self.weight, self.scale, self.zero, self.q, self.g_idx, self.loss)
 
     def split_rows(self, sizes: list[int]) -> list[GPTQResult]:
         """The results of weights stacked along their rows, one per weight of ``sizes`` rows each."""
@@ -337,6 +340,10 @@ class GPTQ(Quantizer):
     def needs_data(self) -> bool:
         return True
 
+    def schemes(self) -> list[LinearScheme]:
+        act_order = self.act_order and not self.static_groups and self.weight.granularity == "group"
+        return [replace(scheme, act_order=act_order) for scheme in super().schemes()]
+
     def linear_stages(self, ctx: BlockContext) -> list[list[str]]:
         if self.true_sequential:
             return [list(group.linears) for group in ctx.mapping.groups]
@@ -414,13 +421,12 @@ class GPTQ(Quantizer):
         else:
             results = [self._solve(weight, inputs) for weight in weights]
         for name, linear, weight, result in zip(names, linears, weights, results, strict=True):
-            quantized = QuantizedWeight(result.weight, result.scale, result.zero, result.g_idx, result.loss)
+            quantized = result.quantized_weight()
             swap_to_fake_quant(ctx.block, name, linear, self.weight, quantized)
             ctx.logs[ctx.qualified(name)] = layer_log(self.weight, weight, quantized)
 
     def quantize_weight(self, name: str, weight: torch.Tensor, inputs: HessianAccumulator) -> QuantizedWeight:
-        result = self._solve(weight, inputs)
-        return QuantizedWeight(result.weight, result.scale, result.zero, result.g_idx, result.loss)
+        return self._solve(weight, inputs).quantized_weight()
 
     def _solve(self, weight: torch.Tensor, inputs: HessianAccumulator) -> GPTQResult:
         return gptq_quantize(weight, inputs.hessian, self.weight, self.observer, self.observer_options,

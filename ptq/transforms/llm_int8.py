@@ -25,7 +25,7 @@ same grid (``method=rtn_w8a8`` for absmax).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -34,7 +34,7 @@ from torch import nn
 from ptq.affine import quantize_dynamic
 from ptq.calibrate import BlockContext
 from ptq.nn import set_submodule
-from ptq.spec import QuantSpec
+from ptq.spec import LinearScheme, QuantSpec
 from ptq.transforms.base import layer_log
 from ptq.transforms.rtn import RTN
 
@@ -118,6 +118,9 @@ class LLMInt8(RTN):
                 "activations: LLM.int8() quantizes activations per token at run time (§3.1); allowed is "
                 "{bits: 8, symmetric: true|false, granularity: token} without an observer"
             )
+
+    def schemes(self) -> list[LinearScheme]:
+        return [replace(scheme, outliers=True) for scheme in super().schemes()]
 
     def apply(self, ctx: BlockContext) -> None:
         for name in ctx.mapping.linear_names:

@@ -48,7 +48,7 @@ from ptq.calibrate import BlockContext, capture_first_block_inputs
 from ptq.models.mappings import Mapping, blocks_of
 from ptq.nn import as_linears
 from ptq.observers import build_observer
-from ptq.spec import MAX_BITS, QuantSpec
+from ptq.spec import MAX_BITS, LinearScheme, QuantSpec
 from ptq.transforms.base import Quantizer, attach_activation_quantizers, layer_log, swap_to_fake_quant
 from ptq.transforms.gptq import GPTQ
 from ptq.transforms.rtn import RTN
@@ -189,6 +189,12 @@ class MixedPrecision(Quantizer):
     @property
     def needs_data(self) -> bool:
         return self._quantizers[self.weight.bits].needs_data or self.act_observer is not None
+
+    def schemes(self) -> list[LinearScheme]:
+        """One scheme per width a Linear may get (``weight.bits`` … ``high_bits``)."""
+        own = super().schemes()[0]
+        return [replace(scheme, activations=own.activations, static_activations=own.static_activations)
+                for quantizer in self._quantizers.values() for scheme in quantizer.schemes()]
 
     @torch.no_grad()
     def prepare(self, model: nn.Module, mapping: Mapping, samples: torch.Tensor, batch_size: int,

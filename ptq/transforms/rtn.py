@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from ptq.affine import fake_quantize
+from ptq.affine import dequantize, quantize
 from ptq.observers import build_observer
 from ptq.transforms.base import QuantizedWeight, Quantizer
 
@@ -22,4 +22,5 @@ class RTN(Quantizer):
 
     def quantize_weight(self, name: str, weight: torch.Tensor, inputs: Any) -> QuantizedWeight:
         scale, zero = build_observer(self.observer, self.weight, **self.observer_options)(weight)
-        return QuantizedWeight(fake_quantize(weight, scale, zero, self.weight), scale, zero)
+        q = quantize(weight, scale, zero, self.weight)
+        return QuantizedWeight(dequantize(q, scale, zero, self.weight), scale, zero, q)
