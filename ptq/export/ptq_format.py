@@ -31,6 +31,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
+from transformers import PreTrainedModel
 
 from ptq.affine import SCALE_TORCH_DTYPES, expand, pack_int4, pad_to_multiple, unpack_int4
 from ptq.export.base import ExportContext, ExportPlan, calibrated_linears, group_order_index, refuse
@@ -83,7 +84,7 @@ def layer_tensors(name: str, linear: FakeQuantLinear) -> dict[str, torch.Tensor]
     quantizer = linear.input_quantizer
     if quantizer is not None and not quantizer.dynamic:
         tensors["input_scale"], tensors["input_zero"] = quantizer.scale.float(), quantizer.zero.float()
-    return {f"{name}.{key}": value.detach().cpu().contiguous() for key, value in tensors.items()}
+    return {f"{name}.{key}": value.detach().cpu().clone() for key, value in tensors.items()}  # own storage each
 
 
 def layer_entry(linear: FakeQuantLinear) -> dict[str, Any]:
@@ -105,8 +106,8 @@ def other_tensors(model: nn.Module, quantized: set[str]) -> tuple[dict[str, torc
     tied: dict[str, str] = {}
     first_of: dict[tuple[int, int, tuple[int, ...]], str] = {}
     for key, tensor in model.state_dict().items():
-        module, _, leaf = key.rpartition(".")
-        if module in quantized and leaf != "bias":
+        owner = next((name for name in quantized if key.startswith(f"{name}.")), None)
+        if owner is not None and key != f"{owner}.bias":
             continue
         identity = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape))
         if identity in first_of:
@@ -138,10 +139,10 @@ class PtqExporter:
         manifest = {"format": self.name, "version": FORMAT_VERSION, "description": context.description,
                     "layers": {name: layer_entry(linear) for name, linear in layers.items()}, "tied": tied}
         (directory / MANIFEST).write_text(json.dumps(manifest, indent=1))
-        if hasattr(model, "config"):
+        if isinstance(model, PreTrainedModel):
             model.config.save_pretrained(directory)
-        if getattr(model, "generation_config", None) is not None:
-            model.generation_config.save_pretrained(directory)
+            if model.generation_config is not None:
+                model.generation_config.save_pretrained(directory)
         if context.tokenizer is not None:
             context.tokenizer.save_pretrained(directory)
         return directory
