@@ -7,9 +7,9 @@ import json
 
 import pytest
 import torch
-from transformers import LlamaForCausalLM
-
 from conftest import compose_config
+from test_families import family_model, logits, samples
+from transformers import LlamaForCausalLM
 
 from ptq.affine import round_scale
 from ptq.calibrate import calibrate
@@ -147,3 +147,14 @@ def test_the_digits_int8_checkpoint_is_about_four_times_smaller_than_fp32(tmp_pa
                           "progress=false", f"method.steps.0.weight.granularity={granularity}"], tmp_path)
     export = run(cfg, tmp_path)["export"]
     assert 3.5 < export["fp32_mb"] / export["mb"] < 4.0
+
+
+@pytest.mark.parametrize("family", ["qwen2", "gemma3_text", "gemma3", "opt", "gpt2", "falcon-40b"])
+def test_every_family_reloads_to_the_same_logits(family, tmp_path):
+    model = family_model(family)
+    steps = build_steps([{"name": "gptq", "weight": {"bits": 4, "symmetric": False, "granularity": "group",
+                                                     "group_size": 32}}], {"name": "minmax"})
+    calibrate(model, mapping_for(model), samples(), steps, "cpu", batch_size=2, progress=False)
+    EXPORTERS["ptq"].write(model, tmp_path, ExportContext())
+    reloaded = load_ptq_checkpoint(tmp_path).eval()
+    assert torch.equal(logits(reloaded, samples(2)), logits(model, samples(2)))

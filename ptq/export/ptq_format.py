@@ -35,7 +35,7 @@ from transformers import PreTrainedModel
 
 from ptq.affine import SCALE_TORCH_DTYPES, expand, pack_int4, pad_to_multiple, unpack_int4
 from ptq.export.base import ExportContext, ExportPlan, calibrated_linears, group_order_index, refuse
-from ptq.nn import ActivationQuantizer, FakeQuantLinear, set_submodule
+from ptq.nn import ActivationQuantizer, FakeQuantLinear, as_linears, set_submodule
 from ptq.spec import QuantSpec
 
 MANIFEST = "ptq_quantization.json"
@@ -204,7 +204,7 @@ def load_ptq_checkpoint(directory: Path, dtype: str = "auto") -> nn.Module:
 
     config = AutoConfig.from_pretrained(directory)
     torch_dtype = DTYPES.get(dtype) or getattr(config, "dtype", None) or torch.float32
-    model = AutoModelForCausalLM.from_config(config, dtype=torch_dtype)
+    model = as_linears(AutoModelForCausalLM.from_config(config, dtype=torch_dtype))  # as calibration saw it
     layers, rest, _ = read_checkpoint(directory)
     for name, layer in layers.items():
         set_submodule(model, name, FakeQuantLinear(model.get_submodule(name), layer.weight, layer.weight_spec,
