@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ptq.formats import e8m0_scale, nvfp4_block_scale, nvfp4_tensor_scale
 from ptq.spec import QuantSpec
 
 EPS = 1e-8
@@ -61,8 +62,22 @@ def round_scale(scale: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
     return scale.clamp(info.tiny, info.max).to(dtype).float()
 
 
-def qparams_from_range(xmin: torch.Tensor, xmax: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
-    """Scale and zero point that map [xmin, xmax] onto the spec's integers.
+def float_grid_scale(absmax: torch.Tensor, spec: QuantSpec, tensor_absmax: torch.Tensor | None = None
+                     ) -> torch.Tensor:
+    """The scale of each slot on a float grid (``ptq.formats``): max|x| / max_element rounded to ``scale_dtype``,
+    OCP MX's E8M0 shared scale, or NVFP4's E4M3 block scale under the FP32 tensor scale of ``tensor_absmax``
+    (default: the largest of ``absmax``, right when ``absmax`` covers the whole tensor)."""
+    grid = spec.grid
+    if grid.scale == "e8m0":
+        return e8m0_scale(absmax, grid.elements)
+    if grid.scale == "e4m3":
+        return nvfp4_block_scale(absmax, nvfp4_tensor_scale(absmax.amax() if tensor_absmax is None else tensor_absmax))
+    return round_scale(absmax.clamp_min(EPS) / grid.elements.max_value, spec)
+
+
+def qparams_from_range(xmin: torch.Tensor, xmax: torch.Tensor, spec: QuantSpec,
+                       tensor_absmax: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale and zero point that map [xmin, xmax] onto the spec's grid.
 
     The range is widened to include 0, so that 0 is exactly representable (padding, ReLU zeros).
     Asymmetric: s = (max − min) / (qmax − qmin), z = qmin − round(min / s).
@@ -70,9 +85,13 @@ def qparams_from_range(xmin: torch.Tensor, xmax: torch.Tensor, spec: QuantSpec) 
     step past qmax and is clipped by at most s/2 (the convention of the GPTQ reference and llm-compressor; on
     SmolLM2's weights it lowers the W3 g64 rounding error by 23% against the textbook s = max|x| / qmax).
     The scale is rounded to ``spec.scale_dtype`` (``round_scale``) before the zero point is derived from it.
+    Float grids: ``float_grid_scale`` (``tensor_absmax`` is NVFP4's per-tensor range), z = 0.
     """
     xmin = torch.minimum(xmin.float(), torch.zeros_like(xmin, dtype=torch.float32))
     xmax = torch.maximum(xmax.float(), torch.zeros_like(xmax, dtype=torch.float32))
+    if spec.grid.is_float:
+        scale = float_grid_scale(torch.maximum(xmax, -xmin), spec, tensor_absmax)
+        return scale, torch.zeros_like(scale)
     if spec.symmetric:
         scale = round_scale(torch.maximum(xmax, -xmin).clamp_min(EPS) / ((spec.qmax - spec.qmin) / 2), spec)
         return scale, torch.zeros_like(scale)
@@ -81,15 +100,25 @@ def qparams_from_range(xmin: torch.Tensor, xmax: torch.Tensor, spec: QuantSpec) 
     return scale, zero
 
 
+def round_to_grid(scaled: torch.Tensor, zero: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+    """The code of ``scaled`` = x / s: clamp(round(x / s) + z, qmin, qmax) for integers (ties to even), the
+    nearest element of a float grid (ties to even, saturating; z is 0) otherwise. float32 in, float32 out."""
+    elements = spec.grid.elements
+    if elements is None:
+        return torch.clamp(torch.round(scaled) + zero, spec.qmin, spec.qmax)
+    return elements.round(scaled)
+
+
 def quantize(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
-    """Integers (as float32, exact for ≤ 8 bits) for ``x`` under slot-shaped ``scale`` and ``zero``."""
+    """Codes (as float32: integers, exact for ≤ 8 bits, or float-grid elements) for ``x`` under slot-shaped
+    ``scale`` and ``zero``."""
     features = x.shape[-1]
     s, z = expand(scale, spec, features), expand(zero, spec, features)
-    return torch.clamp(torch.round(x.float() / s) + z, spec.qmin, spec.qmax)
+    return round_to_grid(x.float() / s, z, spec)
 
 
 def dequantize(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
-    """Real values s · (q − z) of integers ``q``."""
+    """Real values s · (q − z) of codes ``q``."""
     features = q.shape[-1]
     return expand(scale, spec, features) * (q.float() - expand(zero, spec, features))
 

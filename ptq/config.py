@@ -16,6 +16,7 @@ import torch
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
+from ptq.formats import FORMATS
 from ptq.spec import MAX_BITS, MIN_BITS, SCALE_DTYPES
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
@@ -88,6 +89,7 @@ class Config:
     group_size: int | None = 128
     symmetric: bool = True
     scale_dtype: str = "auto"
+    format: str = "int"
     seed: int = 0
     device: str = "auto"
     backend: str = "fake"
@@ -163,10 +165,15 @@ def validate(cfg: DictConfig) -> list[Any]:
     if not steps and cfg.method.name != METHOD_NONE:
         raise ConfigError(f"method.steps=[]: method={cfg.method.name} needs at least one step "
                           f"(method={METHOD_NONE} evaluates a checkpoint as loaded)")
+    _choice("format", cfg.format, tuple(FORMATS))
+    if FORMATS[cfg.format].is_float and cfg.backend != "fake":
+        raise ConfigError(f"backend={cfg.backend}: format={cfg.format} runs as fake-quantization (the packed kernels "
+                          "are integer); allowed is backend=fake")
     try:
-        return build_steps(steps, OmegaConf.to_container(cfg.observer, resolve=True), scale_dtype(cfg))
+        built = build_steps(steps, OmegaConf.to_container(cfg.observer, resolve=True), scale_dtype(cfg), cfg.format)
     except ValueError as error:
-        raise ConfigError(str(error)) from None
+        raise ConfigError(f"format={cfg.format}: {error}" if cfg.format != "int" else str(error)) from None
+    return built
 
 
 def scale_dtype(cfg: DictConfig) -> str:

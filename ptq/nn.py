@@ -25,8 +25,8 @@ class ActivationQuantizer(nn.Module):
 
     def __init__(self, spec: QuantSpec, scale: torch.Tensor | None = None, zero: torch.Tensor | None = None) -> None:
         super().__init__()
-        if spec.granularity not in ("token", "tensor"):
-            raise ValueError(f"activations.granularity={spec.granularity!r}: allowed are token, tensor")
+        if spec.granularity not in ("token", "tensor", "group"):
+            raise ValueError(f"activations.granularity={spec.granularity!r}: allowed are token, tensor, group")
         self.spec = spec
         self.dynamic = scale is None
         self.register_buffer("scale", scale)
@@ -47,7 +47,7 @@ class ActivationQuantizer(nn.Module):
 class FakeQuantLinear(nn.Module):
     """y = Q_a(x) Ŵᵀ + b with Ŵ the dequantized weight on the integer grid (weight_scale, weight_zero, g_idx).
 
-    ``weight_int`` holds the integers q [out, in] in ``spec.integer_dtype``; ``g_idx[j]`` is the group of input
+    ``weight_int`` holds the integers q [out, in] in ``spec.code_dtype``; ``g_idx[j]`` is the group of input
     column j (not monotone after GPTQ's act-order without static groups).
     """
 
@@ -59,7 +59,7 @@ class FakeQuantLinear(nn.Module):
         self.weight = nn.Parameter(weight.to(linear.weight.dtype), requires_grad=False)
         self.bias = linear.bias
         self.weight_spec = spec
-        self.register_buffer("weight_int", q.to(spec.integer_dtype))
+        self.register_buffer("weight_int", q.to(spec.code_dtype))
         self.register_buffer("weight_scale", scale)
         self.register_buffer("weight_zero", zero)
         self.register_buffer("g_idx", g_idx)

@@ -17,17 +17,22 @@ from collections.abc import Callable
 
 import torch
 
-from ptq.affine import qparams_from_range, slots
+from ptq.affine import qparams_from_range, round_to_grid, slots
 from ptq.spec import QuantSpec
 
 Qparams = tuple[torch.Tensor, torch.Tensor]
 
 
 class Observer:
-    """Base class: accumulates statistics of the tensors it sees and turns them into (scale, zero)."""
+    """Base class: accumulates statistics of the tensors it sees and turns them into (scale, zero).
+
+    ``tensor_absmax``: the range of the whole tensor, for grids whose slot scales sit under a per-tensor scale
+    (NVFP4) when the observer sees only part of the tensor (GPTQ's groups); None: what the observer saw.
+    """
 
     def __init__(self, spec: QuantSpec) -> None:
         self.spec = spec
+        self.tensor_absmax: torch.Tensor | None = None
 
     def update(self, x: torch.Tensor) -> None:
         raise NotImplementedError
@@ -61,7 +66,7 @@ class MinMaxObserver(Observer):
     def qparams(self) -> Qparams:
         if self.low is None:
             raise RuntimeError("observer has seen no data")
-        return qparams_from_range(self.low, self.high, self.spec)
+        return qparams_from_range(self.low, self.high, self.spec, self.tensor_absmax)
 
 
 class MovingMinMaxObserver(MinMaxObserver):
@@ -148,9 +153,10 @@ class MSEObserver(Observer):
         mask = slots(torch.ones_like(x), self.spec, pad=0.0)
         low, high = view.amin(dim=-1), view.amax(dim=-1)
         best_err = torch.full_like(low, float("inf"))
-        best_scale, best_zero = qparams_from_range(low, high, self.spec)
+        tensor_absmax = torch.maximum(high, -low).amax() if self.tensor_absmax is None else self.tensor_absmax
+        best_scale, best_zero = qparams_from_range(low, high, self.spec, tensor_absmax)
         for ratio in torch.linspace(1.0, self.min_ratio, self.grid).tolist():
-            scale, zero = qparams_from_range(low * ratio, high * ratio, self.spec)
+            scale, zero = qparams_from_range(low * ratio, high * ratio, self.spec, tensor_absmax)
             err = slot_error(view, scale, zero, self.spec, self.norm, mask)
             better = err < best_err
             best_err = torch.where(better, err, best_err)
@@ -163,7 +169,7 @@ def slot_error(view: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, spec
                mask: torch.Tensor) -> torch.Tensor:
     """Σ |x − Q(x)|^norm over the elements of each slot of ``view`` [..., S, L] (padding masked out)."""
     s, z = scale.unsqueeze(-1), zero.unsqueeze(-1)
-    q = torch.clamp(torch.round(view / s) + z, spec.qmin, spec.qmax)
+    q = round_to_grid(view / s, z, spec)
     err = (s * (q - z) - view).abs()
     err = err.square() if norm == 2 else err.pow(norm)
     return (err * mask).sum(dim=-1)

@@ -10,6 +10,10 @@ s · (q − z) (Jacob et al. 2018, eq. 1). A ``QuantSpec`` fixes the integer ran
 - ``group``: one pair per ``group_size`` consecutive input features of a row. When ``group_size`` does not
   divide the row, the last, shorter group gets its own pair.
 
+``format`` is the grid the elements lie on: ``int`` (the affine integers above) or a small float with its scale
+rule (FP8, MXFP8/MXFP4, NVFP4: ``ptq.formats``); float grids are symmetric (zero point 0) and fix ``bits``, and the
+MX and NVFP4 formats fix the group size too.
+
 ``scale_dtype`` is the floating-point format the scales are stored in (float32, float16 or bfloat16). Scales are
 rounded to it as soon as they are chosen (``ptq.affine.qparams_from_range``), before any algorithm uses them, so
 the integers that RTN, GPTQ or AWQ decide are the ones an exported checkpoint holds, and its weights equal the
@@ -22,6 +26,8 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
+
+from ptq.formats import FORMATS, GridFormat
 
 Granularity = Literal["tensor", "channel", "group", "token"]
 GRANULARITIES: tuple[str, ...] = ("tensor", "channel", "group", "token")
@@ -43,6 +49,7 @@ class QuantSpec:
     granularity: Granularity = "group"
     group_size: int | None = 128
     scale_dtype: str = "float32"
+    format: str = "int"
 
     def __post_init__(self) -> None:
         if not isinstance(self.bits, int) or not MIN_BITS <= self.bits <= MAX_BITS:
@@ -53,6 +60,27 @@ class QuantSpec:
             raise ValueError(f"group_size={self.group_size!r}: a group granularity needs a positive integer")
         if self.scale_dtype not in SCALE_DTYPES:
             raise ValueError(f"scale_dtype={self.scale_dtype!r}: allowed are {', '.join(SCALE_DTYPES)}")
+        if self.format not in FORMATS:
+            raise ValueError(f"format={self.format!r}: allowed are {', '.join(FORMATS)}")
+        self._check_format(FORMATS[self.format])
+
+    def _check_format(self, grid: GridFormat) -> None:
+        if grid.bits is not None and self.bits != grid.bits:
+            raise ValueError(f"bits={self.bits!r}: format={self.format} has {grid.bits}-bit elements; "
+                             f"allowed is bits={grid.bits}")
+        if grid.is_float and not self.symmetric:
+            raise ValueError(f"symmetric=False: format={self.format} is a sign-magnitude grid; allowed is "
+                             "symmetric=true")
+        if grid.group_size is not None and (self.granularity, self.group_size) != ("group", grid.group_size):
+            layout = f"group_size={self.group_size}" if self.granularity == "group" else \
+                f"granularity={self.granularity}"
+            raise ValueError(f"{layout}: format={self.format} shares one scale per {grid.group_size} elements; "
+                             f"allowed is granularity=group, group_size={grid.group_size}")
+
+    @property
+    def grid(self) -> GridFormat:
+        """The element grid and scale rule of ``format`` (``ptq.formats``)."""
+        return FORMATS[self.format]
 
     @property
     def qmin(self) -> int:
@@ -63,9 +91,13 @@ class QuantSpec:
         return 2 ** (self.bits - 1) - 1 if self.symmetric else 2**self.bits - 1
 
     @property
-    def integer_dtype(self) -> torch.dtype:
-        """The narrowest torch integer type that holds [qmin, qmax]: int8 (symmetric) or uint8 (asymmetric)."""
-        return torch.int8 if self.symmetric else torch.uint8
+    def code_dtype(self) -> torch.dtype:
+        """The narrowest torch type that holds every code exactly: int8 (symmetric integers), uint8 (asymmetric
+        integers), float8_e5m2 (E5M2 elements) or float8_e4m3fn (E4M3 elements, and E2M1's, a subset)."""
+        elements = self.grid.elements
+        if elements is None:
+            return torch.int8 if self.symmetric else torch.uint8
+        return torch.float8_e5m2 if elements.name == "e5m2" else torch.float8_e4m3fn
 
     def n_groups(self, features: int) -> int:
         """How many (scale, zero) pairs one row of ``features`` elements gets."""
@@ -74,11 +106,12 @@ class QuantSpec:
         return -(-features // self.group_size)
 
     def bits_per_weight(self, features: int, scale_bits: int = 16) -> float:
-        """Average storage bits per element, counting one ``scale_bits`` scale (and zero point if asymmetric) per
-        group."""
+        """Average storage bits per element, counting one scale (and zero point if asymmetric) per group: of
+        ``scale_bits``, or of the format's own scale width (8 for E8M0 and E4M3 block scales; NVFP4's per-tensor
+        scale is not counted)."""
         if self.granularity == "tensor":
             return float(self.bits)
-        overhead = scale_bits + (0 if self.symmetric else self.bits)
+        overhead = (self.grid.scale_bits or scale_bits) + (0 if self.symmetric else self.bits)
         return self.bits + overhead * self.n_groups(features) / features
 
 

@@ -2,7 +2,7 @@
 calibrated modules it reads.
 
 An exporter never quantizes: it reads what calibration decided, from each ``FakeQuantLinear`` — the integers
-``weight_int`` [out, in] (``weight_spec.integer_dtype``), ``weight_scale`` and ``weight_zero`` in slot shape
+``weight_int`` [out, in] (``weight_spec.code_dtype``), ``weight_scale`` and ``weight_zero`` in slot shape
 (``ptq.affine``: [out, groups] or [out, 1]; float32 values that lie on ``weight_spec.scale_dtype``'s grid),
 ``g_idx`` (group of each input column, or None) and ``input_quantizer`` (activation spec, static qparams) — and
 stores them in its format. ``check`` refuses, in one line starting ``export=<name>:``, every scheme the format

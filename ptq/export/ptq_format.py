@@ -47,16 +47,17 @@ LAYER_TENSORS = ("qweight", "weight_scale", "weight_zero", "g_idx", "input_scale
 
 
 def pack_codes(q: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
-    """The stored form of integers ``q`` [out, in]: int4 nibbles of q − qmin (≤ 4 bits), else int8/uint8."""
-    if spec.bits <= NIBBLE_BITS:
+    """The stored form of codes ``q`` [out, in]: int4 nibbles of q − qmin (integers of ≤ 4 bits), else the codes
+    in ``spec.code_dtype`` (int8/uint8; float elements as float8, which holds FP4's values exactly)."""
+    if spec.bits <= NIBBLE_BITS and not spec.grid.is_float:
         return pack_int4(pad_to_multiple(q.to(torch.int32) - spec.qmin, PACK))
-    return q.to(spec.integer_dtype)
+    return q.to(spec.code_dtype)
 
 
 def unpack_codes(stored: torch.Tensor, spec: QuantSpec, in_features: int) -> torch.Tensor:
-    """Inverse of ``pack_codes``: the integers [out, in] in ``spec.integer_dtype``."""
-    if spec.bits <= NIBBLE_BITS:
-        return (unpack_int4(stored)[:, :in_features].to(torch.int16) + spec.qmin).to(spec.integer_dtype)
+    """Inverse of ``pack_codes``: the codes [out, in] in ``spec.code_dtype``."""
+    if spec.bits <= NIBBLE_BITS and not spec.grid.is_float:
+        return (unpack_int4(stored)[:, :in_features].to(torch.int16) + spec.qmin).to(spec.code_dtype)
     return stored
 
 

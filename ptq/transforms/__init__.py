@@ -24,10 +24,11 @@ TRANSFORMS: dict[str, Callable[..., Transform]] = {"rtn": RTN, "gptq": GPTQ, "aw
 
 OBSERVER_KEY = "name"
 DEFAULT_SCALE_DTYPE = "float32"
+DEFAULT_FORMAT = "int"
 
 
 def _spec(fields: dict[str, Any], key: str) -> QuantSpec:
-    allowed = {"bits", "symmetric", "granularity", "group_size", "scale_dtype"}
+    allowed = {"bits", "symmetric", "granularity", "group_size", "scale_dtype", "format"}
     unknown = set(fields) - allowed
     if unknown:
         raise ValueError(f"{key}.{sorted(unknown)[0]}: unknown key; allowed are {', '.join(sorted(allowed))}")
@@ -38,16 +39,18 @@ def _spec(fields: dict[str, Any], key: str) -> QuantSpec:
 
 
 def build_step(step: dict[str, Any], observer: dict[str, Any], index: int,
-               scale_dtype: str = DEFAULT_SCALE_DTYPE) -> Transform:
-    """One transform from its config dict; the weight observer defaults to the run's ``observer`` group, and the
-    scales of weights and of static activations are stored in ``scale_dtype`` unless the step sets its own."""
+               scale_dtype: str = DEFAULT_SCALE_DTYPE, weight_format: str = DEFAULT_FORMAT) -> Transform:
+    """One transform from its config dict; the weight observer defaults to the run's ``observer`` group, the
+    scales of weights and of static activations are stored in ``scale_dtype`` and the weights lie on the grid
+    ``weight_format``, unless the step sets its own."""
     step = dict(step)
     name = step.pop("name", None)
     key = f"method.steps[{index}]"
     if name not in TRANSFORMS:
         raise ValueError(f"{key}.name={name!r}: allowed are {', '.join(TRANSFORMS)}")
     if "weight" in step:
-        step["weight"] = _spec({"scale_dtype": scale_dtype, **step["weight"]}, f"{key}.weight")
+        step["weight"] = _spec({"scale_dtype": scale_dtype, "format": weight_format, **step["weight"]},
+                               f"{key}.weight")
     activations = step.pop("activations", None)
     if activations:
         activations = dict(activations)
@@ -69,10 +72,10 @@ def build_step(step: dict[str, Any], observer: dict[str, Any], index: int,
         raise ValueError(f"{key} ({name}): {error}") from None
 
 
-def build_steps(steps: list[dict[str, Any]], observer: dict[str, Any],
-                scale_dtype: str = DEFAULT_SCALE_DTYPE) -> list[Transform]:
+def build_steps(steps: list[dict[str, Any]], observer: dict[str, Any], scale_dtype: str = DEFAULT_SCALE_DTYPE,
+                weight_format: str = DEFAULT_FORMAT) -> list[Transform]:
     """The method's transforms, in order (none for ``method=none``, which evaluates a checkpoint as loaded)."""
-    built = [build_step(step, observer, i, scale_dtype) for i, step in enumerate(steps)]
+    built = [build_step(step, observer, i, scale_dtype, weight_format) for i, step in enumerate(steps)]
     rescalers = [getattr(step, "rescaler", False) for step in built]
     if any(later and not earlier for earlier, later in zip(rescalers, rescalers[1:], strict=False)):
         names = [step.name for step in built]

@@ -62,10 +62,11 @@ class Quantizer:
     def __post_init__(self) -> None:
         check_observer(self.observer, self.observer_options, "observer.name")
         if self.activations is not None:
-            if self.act_observer is None and self.activations.granularity != "token":
+            block = self.activations.grid.group_size is not None  # MX / NVFP4: dynamic per block of a token
+            if self.act_observer is None and self.activations.granularity != ("group" if block else "token"):
                 raise ValueError(
-                    f"activations.granularity={self.activations.granularity!r}: dynamic activations are per token; "
-                    "set activations.observer for static per-tensor ranges"
+                    f"activations.granularity={self.activations.granularity!r}: dynamic activations are per token "
+                    "(per block for MX and NVFP4 formats); set activations.observer for static per-tensor ranges"
                 )
             if self.act_observer is not None:
                 check_observer(self.act_observer, self.act_observer_options, "activations.observer")

@@ -31,6 +31,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ptq.affine import round_to_grid
 from ptq.calibrate import BlockContext, main_input, replace_main_input
 from ptq.nn import ActivationQuantizer
 from ptq.observers import Observer, Qparams, build_observer
@@ -190,10 +191,15 @@ def gptq_quantize(
     grouped = spec.granularity == "group"
     group_size = spec.group_size if grouped else columns
     # Parameters of one group (or of the whole weight) as slot shape [out, 1], or [1, 1] for tensor granularity.
-    slice_spec = spec if spec.granularity == "tensor" else replace(spec, granularity="channel")
+    # (MX and NVFP4 specs fix their group size: a slice of one group under the group spec gives the same shape.)
+    slice_spec = spec if spec.granularity == "tensor" or spec.grid.group_size else replace(spec, granularity="channel")
+
+    tensor_absmax = weight.detach().abs().amax().float() if spec.grid.tensor_scale else None
 
     def observe(x: torch.Tensor) -> Qparams:
-        return build_observer(observer, slice_spec, **(observer_options or {}))(x)
+        obs = build_observer(observer, slice_spec, **(observer_options or {}))
+        obs.tensor_absmax = tensor_absmax  # NVFP4: one tensor scale, from the original weight, for every group
+        return obs(x)
 
     dead = torch.diag(H) == 0
     H[dead, dead] = 1
@@ -215,7 +221,6 @@ def gptq_quantize(
     Qint = torch.zeros_like(W)  # integers, processing order
     row_loss = torch.zeros(W.shape[0], dtype=dtype, device=W.device)
     group_of = torch.zeros(columns, dtype=torch.long, device=W.device)  # group of each processed column
-    qmin, qmax = float(spec.qmin), float(spec.qmax)
 
     for i1 in range(0, columns, block_size):
         i2 = min(i1 + block_size, columns)
@@ -238,7 +243,7 @@ def gptq_quantize(
             group_of[col] = group
 
             w = W1[:, i : i + 1]
-            q = torch.clamp(torch.round(w.float() / scale) + zero, qmin, qmax)
+            q = round_to_grid(w.float() / scale, zero, spec)
             wq = scale * (q - zero)
             Qint[:, col : col + 1], Q[:, col : col + 1] = q, wq
             err = (w - wq) / Hinv1[i, i]
