@@ -113,6 +113,9 @@ def weight_scheme(config: dict[str, Any]) -> tuple[str, str]:
     bits = f"W{weight.get('bits', config.get('bits'))}"
     if step.get("activations"):
         bits += f"A{step['activations'].get('bits')}"
+    grid = weight.get("format", config.get("format", "int"))
+    if grid != "int":
+        bits += f" {grid}"
     if weight.get("granularity") in ("channel", "tensor"):
         return bits, weight["granularity"]
     return bits, group_label(weight.get("group_size", config.get("group_size")))

@@ -85,6 +85,15 @@ PROTOCOLS: dict[str, Protocol] = {
                    ("gptq", "W4", "g64", True), ("awq", "W3", "g64", False), ("awq", "W4", "g64", False)})
         | W8A8_ROWS,
         "smollm2_table", dtype="float32", alpha=0.8),
+    "formats/table": Protocol(
+        "formats", frozenset({"smollm2-135m"}), frozenset({"pydoc"}), 64, 512, 512, None,
+        frozenset((method, bits, group, True) for method in ("rtn", "gptq") for bits, group in (
+            ("W4", "g16"), ("W4", "g32"), ("W4 mxfp4", "g32"), ("W4 nvfp4", "g16"), ("W8 fp8_e4m3", "channel"))),
+        "formats_table", dtype="float32"),
+    "formats/w8a8": Protocol(
+        "formats", frozenset({"smollm2-135m"}), frozenset({"pydoc"}), 64, 512, 512, None,
+        frozenset({("rtn_w8a8", "W8A8", "channel", True), ("fp8_dynamic", "W8A8 fp8_e4m3", "channel", True)}),
+        "formats_table", dtype="float32"),
 }
 
 # Optuna sweeps: the key each tunes must exist in the composed method.

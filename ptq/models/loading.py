@@ -107,13 +107,16 @@ def load_pretrained(source: ResolvedSource, dtype: str) -> PreTrainedModel:
         model = cached_load(gguf_path, dtype, load_fresh, load_saved,
                             lambda model, directory: model.save_pretrained(directory))
         return model.eval()
+    kwargs: dict[str, Any] = {}
     if source.kind != "hub":
+        from ptq.export.compressed_tensors import from_pretrained_kwargs
         from ptq.export.ptq_format import is_ptq_checkpoint, load_ptq_checkpoint
 
         if is_ptq_checkpoint(Path(source.location)):
             return load_ptq_checkpoint(Path(source.location), dtype).eval()
+        kwargs = from_pretrained_kwargs(Path(source.location))  # compressed-tensors: load as ptq computed it
     torch_dtype = AUTO_DTYPE if dtype == AUTO_DTYPE else DTYPES[dtype]
-    return AutoModelForCausalLM.from_pretrained(source.location, dtype=torch_dtype).eval()
+    return AutoModelForCausalLM.from_pretrained(source.location, dtype=torch_dtype, **kwargs).eval()
 
 
 def load_config(source: ResolvedSource) -> Any:
