@@ -376,7 +376,8 @@ def run(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
 
 def run_name(cfg: DictConfig) -> str:
     group = f"g{cfg.group_size}" if cfg.group_size else "channel"
-    return f"{cfg.model.name}-{cfg.method.name}-w{cfg.bits}{group}"
+    grid = "" if cfg.format == "int" else f"-{cfg.format}"
+    return f"{cfg.model.name}-{cfg.method.name}-w{cfg.bits}{group}{grid}"
 
 
 def flat_summary(results: dict[str, Any]) -> dict[str, Any]:

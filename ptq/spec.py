@@ -135,9 +135,11 @@ class LinearScheme:
         w = self.weight
         layout = f"g{w.group_size}" if w.granularity == "group" else w.granularity
         text = f"w{w.bits} {layout} {'symmetric' if w.symmetric else 'asymmetric'}"
+        text += "" if w.format == "int" else f" {w.format}"
         if self.act_order:
             text += " act-order"
         if self.activations is not None:
             a = self.activations
             text += f" · a{a.bits} {a.granularity} {'static' if self.static_activations else 'dynamic'}"
+            text += "" if a.format == "int" else f" {a.format}"
         return text + (" · fp16 outliers" if self.outliers else "")
