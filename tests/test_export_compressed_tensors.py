@@ -3,7 +3,9 @@
 Tiny random models of four families are calibrated directly (no pipeline), written with the exporter, read back
 with ``from_pretrained`` (and ``from_pretrained_kwargs``), and compared with the calibrated model: every quantized
 Linear's weight and the logits are equal, the file's integers and scales are ptq's, and the calibrated model is the
-same after the write as before. Schemes the format cannot hold exactly are refused in one line.
+same after the write as before; on float grids (FP8, MXFP8, MXFP4, NVFP4) too. Schemes the format cannot hold
+exactly are refused in one line, and each refusal's reason is shown to hold: written anyway, the scheme reloads
+into another model, or compressed-tensors computes another value.
 """
 
 from __future__ import annotations
@@ -21,11 +23,19 @@ from tokenizers import Tokenizer, models
 from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
 
-from ptq.affine import dequantize
+from ptq.affine import dequantize, minmax_qparams, quantize_dynamic
 from ptq.calibrate import calibrate
 from ptq.export import ExportContext, ExportError, ExportPlan
+from ptq.export import compressed_tensors as exporter_module
 from ptq.export.base import calibrated_linears
-from ptq.export.compressed_tensors import CompressedTensorsExporter, from_pretrained_kwargs
+from ptq.export.compressed_tensors import (
+    CompressedTensorsExporter,
+    from_pretrained_kwargs,
+    nvfp4_factors,
+    nvfp4_scales,
+    quantization_args,
+)
+from ptq.formats import E2M1, E4M3
 from ptq.models import mapping_for
 from ptq.nn import FakeQuantLinear
 from ptq.spec import LinearScheme, QuantSpec
@@ -39,6 +49,10 @@ W4_ASYM_G32 = {"bits": 4, "symmetric": False, "granularity": "group", "group_siz
 W8_CHANNEL = {"bits": 8, "symmetric": True, "granularity": "channel"}
 A8_TOKEN = {"bits": 8, "symmetric": True, "granularity": "token"}
 A8_STATIC = {"bits": 8, "symmetric": False, "granularity": "tensor", "observer": {"name": "minmax"}}
+FP8 = {"bits": 8, "symmetric": True, "format": "fp8_e4m3"}
+MXFP8 = {"bits": 8, "symmetric": True, "format": "mxfp8", "granularity": "group", "group_size": 32}
+MXFP4 = {**MXFP8, "bits": 4, "format": "mxfp4"}
+NVFP4 = {"bits": 4, "symmetric": True, "format": "nvfp4", "granularity": "group", "group_size": 16}
 
 
 def calibrated(family: str, *steps: dict, dtype: torch.dtype = torch.float32, scale_dtype: str = "float32"
@@ -100,26 +114,64 @@ def stored_zero(tensors: dict[str, torch.Tensor], name: str, linear: FakeQuantLi
     return unpack_from_int32(zero, linear.weight_spec.bits, linear.weight_scale.shape, packed_dim=0)
 
 
-def assert_file_holds_ptq_grid(directory: Path, model: nn.Module) -> None:
+def assert_file_holds_ptq_integers(tensors: dict[str, torch.Tensor], name: str, linear: FakeQuantLinear,
+                                   fmt: str) -> None:
     """The integers are ptq's shifted into the signed range, the scales ptq's in the model's dtype, and
     s · (q − z) from the file alone is FakeQuantLinear.weight."""
+    spec, dtype = linear.weight_spec, linear.weight.dtype
+    offset = 0 if spec.symmetric else 2 ** (spec.bits - 1)
+    q = stored_integers(tensors, name, linear, fmt).to(torch.int16) + offset
+    assert torch.equal(q, linear.weight_int.to(torch.int16)), name
+    scale = tensors[f"{name}.weight_scale"]
+    assert scale.dtype == dtype and torch.equal(scale.float().reshape(linear.weight_scale.shape),
+                                                linear.weight_scale), name
+    assert (f"{name}.weight_zero_point" in tensors) is not spec.symmetric, name
+    zero = linear.weight_zero if spec.symmetric else stored_zero(tensors, name, linear, fmt).float() + offset
+    assert torch.equal(zero.reshape(linear.weight_zero.shape), linear.weight_zero), name
+    from_file = dequantize(q, scale.float().reshape(linear.weight_scale.shape), zero.reshape(
+        linear.weight_zero.shape), spec)
+    assert torch.equal(from_file.to(dtype), linear.weight), name
+
+
+def assert_file_holds_ptq_floats(tensors: dict[str, torch.Tensor], name: str, linear: FakeQuantLinear) -> None:
+    """The elements are ptq's (E4M3 as float8_e4m3fn, E2M1 packed two per byte); FP8 scales are ptq's in the model's
+    dtype, MX ones its powers of two as E8M0 exponents, NVFP4 ones E4M3 values s with s / weight_global_scale ptq's
+    block scale up to float32's rounding; no zero points."""
+    from compressed_tensors.compressors.nvfp4.helpers import unpack_fp4_from_uint8
+
+    spec = linear.weight_spec
+    if spec.bits == 8:
+        codes = tensors[f"{name}.weight"]
+        assert codes.dtype == torch.float8_e4m3fn, name
+    else:
+        codes = unpack_fp4_from_uint8(tensors[f"{name}.weight_packed"], *linear.weight_int.shape, dtype=torch.float32)
+    assert torch.equal(codes.float(), linear.weight_int.float()), name
+    assert f"{name}.weight_zero_point" not in tensors, name
+    scale = tensors[f"{name}.weight_scale"]
+    if spec.grid.scale == "e8m0":
+        assert scale.dtype == torch.uint8 and torch.equal(torch.exp2(scale.float() - 127), linear.weight_scale), name
+    elif spec.grid.tensor_scale:
+        global_scale = tensors[f"{name}.weight_global_scale"]
+        assert scale.dtype == torch.float8_e4m3fn and global_scale.dtype == torch.float32, name
+        torch.testing.assert_close(scale.float() / global_scale, linear.weight_scale, rtol=2**-22, atol=0)
+    else:
+        assert scale.dtype == linear.weight.dtype and torch.equal(
+            scale.float().reshape(linear.weight_scale.shape), linear.weight_scale), name
+        scale = scale.float().reshape(linear.weight_scale.shape)
+        from_file = dequantize(codes.float(), scale, torch.zeros_like(scale), spec)
+        assert torch.equal(from_file.to(linear.weight.dtype), linear.weight), name
+
+
+def assert_file_holds_ptq_grid(directory: Path, model: nn.Module) -> None:
+    """Every calibrated Linear's tensors in the file are what ptq decided (integers or float elements, scales)."""
     tensors = load_file(directory / "model.safetensors")
     groups = quantization_config(directory)["config_groups"].values()
     for name, linear in calibrated_linears(model).items():
-        spec, dtype = linear.weight_spec, linear.weight.dtype
         fmt = next(g["format"] for g in groups if "Linear" in g["targets"] or name in g["targets"])
-        offset = 0 if spec.symmetric else 2 ** (spec.bits - 1)
-        q = stored_integers(tensors, name, linear, fmt).to(torch.int16) + offset
-        assert torch.equal(q, linear.weight_int.to(torch.int16)), name
-        scale = tensors[f"{name}.weight_scale"]
-        assert scale.dtype == dtype and torch.equal(scale.float().reshape(linear.weight_scale.shape),
-                                                    linear.weight_scale), name
-        assert (f"{name}.weight_zero_point" in tensors) is not spec.symmetric, name
-        zero = linear.weight_zero if spec.symmetric else stored_zero(tensors, name, linear, fmt).float() + offset
-        assert torch.equal(zero.reshape(linear.weight_zero.shape), linear.weight_zero), name
-        from_file = dequantize(q, scale.float().reshape(linear.weight_scale.shape), zero.reshape(
-            linear.weight_zero.shape), spec)
-        assert torch.equal(from_file.to(dtype), linear.weight), name
+        if linear.weight_spec.grid.is_float:
+            assert_file_holds_ptq_floats(tensors, name, linear)
+        else:
+            assert_file_holds_ptq_integers(tensors, name, linear, fmt)
 
 
 def assert_reload_is_exact(model: nn.Module, directory: Path) -> nn.Module:
@@ -155,28 +207,76 @@ def test_weight_only_reloads_bit_for_bit(family, step, tmp_path):
     assert type(reloaded.get_submodule(next(iter(calibrated_linears(model))))) is nn.Linear
 
 
-@pytest.mark.parametrize("symmetric", [False, True])
-def test_plain_from_pretrained_loads_the_checkpoint(symmetric, tmp_path):
-    model = calibrated("llama", {"name": "rtn", "weight": {**W4_ASYM_G32, "symmetric": symmetric}})
+@pytest.mark.parametrize(("family", "step", "dtype", "fmt"), [
+    ("qwen2", {"name": "rtn", "weight": FP8 | {"granularity": "group", "group_size": 32}}, "float32",
+     "naive-quantized"),
+    ("gemma3_text", {"name": "rtn", "weight": MXFP8}, "bfloat16", "mxfp8-quantized"),
+    ("llama", {"name": "rtn", "weight": MXFP4}, "float16", "mxfp4-pack-quantized"),
+    ("qwen2", {"name": "gptq", "weight": NVFP4}, "bfloat16", "nvfp4-pack-quantized"),  # s < 448 in some blocks
+])
+def test_float_weights_reload_bit_for_bit(family, step, dtype, fmt, tmp_path):
+    model = calibrated(family, step, dtype=getattr(torch, dtype), scale_dtype=dtype)
     directory = export(model, tmp_path)
-    plain = AutoModelForCausalLM.from_pretrained(directory).eval()  # asymmetric: config.json asks to dequantize
+    config = quantization_config(directory)
+    assert config["format"] == fmt and config["config_groups"]["group_0"]["weights"]["type"] == "float"
+    assert config.get("dequantize", False) == (fmt != "naive-quantized")  # MX, NVFP4: decompressed in bfloat16
+    assert from_pretrained_kwargs(directory)["quantization_config"].dequantize
+    assert_file_holds_ptq_grid(directory, model)
+    assert_reload_is_exact(model, directory)
+
+
+@pytest.mark.parametrize("weight", [W4_ASYM_G32, {**W4_ASYM_G32, "symmetric": True}, MXFP4])
+def test_plain_from_pretrained_loads_the_checkpoint(weight, tmp_path):
+    model = calibrated("llama", {"name": "rtn", "weight": weight})
+    directory = export(model, tmp_path)
+    plain = AutoModelForCausalLM.from_pretrained(directory).eval()  # asymmetric, MX: config.json asks to dequantize
     torch.testing.assert_close(logits(plain), logits(model), rtol=0, atol=0)
 
 
-@pytest.mark.parametrize(("family", "activations"), [
-    ("gemma3_text", A8_TOKEN),
-    ("llama", {**A8_TOKEN, "symmetric": False}),
-    ("opt", A8_STATIC),
-    ("qwen2", {**A8_STATIC, "symmetric": True}),
+def test_nvfp4_global_scale_is_chosen_by_the_bfloat16_reload():
+    """Where compressed-tensors' s / G with G = 1 / g in float32 misses s · g by a bfloat16 rounding, the exporter
+    writes a float32 neighbour of 1 / g that reloads every weight exactly (g found by search in random tensors)."""
+    from compressed_tensors.compressors.nvfp4 import NVFP4PackedCompressor
+    from compressed_tensors.compressors.nvfp4.helpers import pack_fp4_to_uint8
+    from compressed_tensors.quantization import QuantizationScheme
+
+    spec = QuantSpec(**NVFP4)
+    g = torch.tensor(float.fromhex("0x1.8eaaa8p-17"))
+    stored = E4M3.values[1:].flip(0).unsqueeze(1)  # one block per positive E4M3 scale, 448 first
+    codes = torch.cat([E2M1.values, -E2M1.values]).expand(len(stored), -1)  # every element in every block
+    weight = dequantize(codes, stored * g, torch.zeros_like(stored), spec).bfloat16()
+    linear = FakeQuantLinear(nn.Linear(16, len(stored), bias=False, dtype=torch.bfloat16), weight, spec,
+                             stored * g, torch.zeros_like(stored), codes)
+    scheme = QuantizationScheme(targets=["Linear"], weights=quantization_args(spec))
+    state = {"weight_packed": pack_fp4_to_uint8(codes), "weight_scale": stored.to(torch.float8_e4m3fn)}
+
+    def reloaded(global_scale: torch.Tensor) -> torch.Tensor:
+        return NVFP4PackedCompressor.decompress({**state, "weight_global_scale": global_scale}, scheme)["weight"]
+
+    assert torch.equal(nvfp4_factors(linear.weight_scale)[0], stored)
+    assert not torch.equal(reloaded((1 / g).reshape(1)), weight)
+    chosen_stored, global_scale = nvfp4_scales("layer", linear, scheme)
+    assert torch.equal(chosen_stored, stored) and global_scale.item() != (1 / g).item()
+    assert torch.equal(reloaded(global_scale), weight)
+
+
+@pytest.mark.parametrize(("family", "weight", "activations"), [
+    ("gemma3_text", W8_CHANNEL, A8_TOKEN),
+    ("llama", W8_CHANNEL, {**A8_TOKEN, "symmetric": False}),
+    ("opt", W8_CHANNEL, A8_STATIC),
+    ("qwen2", W8_CHANNEL, {**A8_STATIC, "symmetric": True}),
+    ("llama", FP8 | {"granularity": "channel"}, FP8 | {"granularity": "token"}),  # method=fp8_dynamic
+    ("opt", FP8 | {"granularity": "tensor"}, FP8 | {"granularity": "tensor", "observer": {"name": "minmax"}}),
 ])
-def test_w8a8_reloads_with_fake_quantized_activations(family, activations, tmp_path):
-    model = calibrated(family, {"name": "rtn", "weight": W8_CHANNEL, "activations": activations})
+def test_w8a8_reloads_with_fake_quantized_activations(family, weight, activations, tmp_path):
+    model = calibrated(family, {"name": "rtn", "weight": weight, "activations": activations})
     directory = export(model, tmp_path)
     config = quantization_config(directory)
     inputs = config["config_groups"]["group_0"]["input_activations"]
-    static = "observer" in activations
-    assert config["format"] == "int-quantized" and inputs["dynamic"] is not static
+    static, fp8 = "observer" in activations, "format" in activations
+    assert config["format"] == ("float-quantized" if fp8 else "int-quantized") and inputs["dynamic"] is not static
     assert inputs["strategy"] == ("tensor" if static else "token") and inputs["symmetric"] == activations["symmetric"]
+    assert inputs["type"] == ("float" if fp8 else "int")
     assert from_pretrained_kwargs(directory) == {}
     assert_file_holds_ptq_grid(directory, model)
     tensors = load_file(directory / "model.safetensors")
@@ -282,6 +382,28 @@ REFUSED = [
      frozenset({64}), torch.bfloat16, "llama", "fake-quantizes a bfloat16 model's inputs in bfloat16"),
     (LinearScheme(QuantSpec(bits=8, granularity="channel"), QuantSpec(bits=8, granularity="token")),
      frozenset({64}), torch.float32, "opt", "opt flattens some Linears' inputs"),
+    (LinearScheme(QuantSpec(**FP8, granularity="channel"), QuantSpec(**FP8, granularity="token")),
+     frozenset({64}), torch.float32, "opt", "opt flattens some Linears' inputs"),
+    (LinearScheme(QuantSpec(**FP8, granularity="channel")), frozenset({64}), torch.bfloat16, "llama",
+     "scale_dtype=float32 is not exact in the bfloat16"),
+    (LinearScheme(QuantSpec(**FP8 | {"format": "fp8_e5m2"}, granularity="channel")), frozenset({64}), torch.float32,
+     "llama", "no E5M2 type"),
+    (LinearScheme(QuantSpec(**FP8, granularity="channel"), QuantSpec(**FP8 | {"format": "fp8_e5m2"},
+                                                                     granularity="token")),
+     frozenset({64}), torch.float32, "llama", "no E5M2 type"),
+    (LinearScheme(QuantSpec(**NVFP4)), frozenset({64}), torch.float32, "llama",
+     "dequantizes NVFP4 weights in bfloat16"),
+    (LinearScheme(QuantSpec(**NVFP4)), frozenset({64}), torch.float16, "llama", "a float16 model would reload"),
+    (LinearScheme(QuantSpec(**MXFP4), QuantSpec(**MXFP4)), frozenset({64}), torch.float32, "llama",
+     "generate_mx_scales"),
+    (LinearScheme(QuantSpec(**MXFP8), QuantSpec(**MXFP8)), frozenset({64}), torch.float32, "llama",
+     "generate_mx_scales"),
+    (LinearScheme(QuantSpec(**NVFP4), QuantSpec(**NVFP4)), frozenset({64}), torch.bfloat16, "llama",
+     "static, calibrated global scale"),
+    (LinearScheme(QuantSpec(**MXFP4), QuantSpec(**FP8, granularity="token")), frozenset({64}), torch.float32,
+     "llama", "into bfloat16 parameters"),
+    (LinearScheme(QuantSpec(**MXFP4)), frozenset({64, 80}), torch.float32, "llama",
+     "in_features 80 not a multiple of group_size=32"),
 ]
 MIXED_ASYMMETRIC = (LinearScheme(QuantSpec(bits=3, symmetric=False, group_size=32)),
                     LinearScheme(QuantSpec(bits=5, symmetric=False, group_size=32)))
@@ -308,6 +430,10 @@ def test_check_refuses_asymmetric_mixed_precision():
 
 @pytest.mark.parametrize(("scheme", "dtype"), [
     (LinearScheme(QuantSpec(bits=4, group_size=32, scale_dtype="bfloat16")), torch.bfloat16),
+    (LinearScheme(QuantSpec(**NVFP4)), torch.bfloat16),  # MX and NVFP4 scales are codes, not the model's dtype
+    (LinearScheme(QuantSpec(**MXFP4)), torch.float16),
+    (LinearScheme(QuantSpec(**MXFP8)), torch.bfloat16),
+    (LinearScheme(QuantSpec(bits=4, group_size=32), QuantSpec(**FP8, granularity="token")), torch.float32),
     (LinearScheme(QuantSpec(bits=8, granularity="channel", scale_dtype="float16")), torch.float16),
     (LinearScheme(QuantSpec(bits=8, granularity="channel", scale_dtype="bfloat16"),
                   QuantSpec(bits=8, granularity="tensor", scale_dtype="float16"), static_activations=True),
@@ -319,18 +445,72 @@ def test_check_accepts_what_the_model_dtype_holds(scheme, dtype):
 
 def test_what_check_refuses_would_reload_differently(tmp_path, monkeypatch):
     """Written anyway, the refused schemes reload into another model: OPT's per-token activations, a bfloat16
-    model's activations, asymmetric mixed precision (dequantized with the first group's widths)."""
+    model's activations, asymmetric mixed precision (dequantized with the first group's widths), a float32 model's
+    NVFP4 weights (rounded to bfloat16; written with G = 1 / g, since no G reloads them exactly)."""
     from transformers import CompressedTensorsConfig
 
     monkeypatch.setattr(CompressedTensorsExporter, "check", lambda self, plan: None)
+    monkeypatch.setattr(exporter_module, "nvfp4_scales", lambda name, linear, scheme: (lambda s, g: (s, 1 / g))(
+        *nvfp4_factors(linear.weight_scale)))
     w8a8 = {"name": "rtn", "weight": W8_CHANNEL, "activations": A8_TOKEN}
+    dequantized = {"quantization_config": CompressedTensorsConfig(dequantize=True)}
     cases = [(calibrated("opt", w8a8), {}),
              (calibrated("llama", w8a8, dtype=torch.bfloat16, scale_dtype="bfloat16"), {}),
-             (mixed_precision(symmetric=False), {"quantization_config": CompressedTensorsConfig(dequantize=True)})]
+             (mixed_precision(symmetric=False), dequantized),
+             (calibrated("llama", {"name": "rtn", "weight": NVFP4}), dequantized)]
     for i, (model, kwargs) in enumerate(cases):
         directory = export(model, tmp_path / str(i))
         reloaded = AutoModelForCausalLM.from_pretrained(directory, **kwargs).eval()
         assert not torch.equal(logits(reloaded), logits(model)), i
+
+
+def test_mx_weights_with_quantized_activations_do_not_reload(tmp_path, monkeypatch):
+    """Written anyway, MXFP4 weights with FP8 activations come back as bfloat16 weights beside float32 inputs."""
+    monkeypatch.setattr(CompressedTensorsExporter, "check", lambda self, plan: None)
+    model = calibrated("llama", {"name": "rtn", "weight": MXFP4, "activations": FP8 | {"granularity": "token"}})
+    with pytest.raises(RuntimeError, match="same dtype"):
+        reload(export(model, tmp_path))
+
+
+def test_mx_activation_scales_differ_from_ocp_mx():
+    """compressed-tensors' dynamic MX scale of a block whose max is 7 = 1.75 · 2² is 2 (max rounded up to 8), OCP
+    MX's and ptq's 2^(2 − 2) = 1, for E2M1 elements as for E4M3 ones (max 1.75 · 2⁸)."""
+    from compressed_tensors.quantization.utils import compute_dynamic_scales_and_zp
+
+    for fmt, top in (MXFP4, 7.0), (MXFP8, 448.0):
+        spec = QuantSpec(**fmt)
+        x = torch.full((1, 32), 0.5).index_fill(1, torch.tensor([0]), top)
+        ct_scale, _ = compute_dynamic_scales_and_zp(x, quantization_args(spec, dynamic=True), module=None)
+        assert minmax_qparams(x, spec)[0].item() == 1.0 and ct_scale.item() == 2.0, fmt["format"]
+
+
+def test_nvfp4_activations_depend_on_the_whole_input():
+    """ptq's NVFP4 activations sit under each input's own tensor scale, so a block quantizes differently beside a
+    larger one; under compressed-tensors' static input_global_scale it does not."""
+    from compressed_tensors.quantization import QuantizationArgs
+    from compressed_tensors.quantization.lifecycle.forward import fake_quantize
+    from compressed_tensors.quantization.utils import compute_dynamic_scales_and_zp
+
+    block = torch.linspace(-1, 1, 16)
+    inputs = [torch.cat([block, block]).unsqueeze(0), torch.cat([block, 100 * block]).unsqueeze(0)]
+    args = QuantizationArgs(num_bits=4, type="float", strategy="tensor_group", group_size=16, dynamic="local",
+                            scale_dtype=torch.float8_e4m3fn)
+    global_scale = torch.tensor([448 * 6 / 100])
+
+    def ct(x: torch.Tensor) -> torch.Tensor:
+        scale, zero = compute_dynamic_scales_and_zp(x, args, module=None, global_scale=global_scale)
+        return fake_quantize(x, scale, zero, args, global_scale=global_scale)
+
+    first, second = (quantize_dynamic(x, QuantSpec(**NVFP4))[0, :16] for x in inputs)
+    assert not torch.equal(first, second)
+    assert torch.equal(ct(inputs[0])[0, :16], ct(inputs[1])[0, :16])
+
+
+def test_compressed_tensors_8_bit_floats_are_e4m3():
+    """Why fp8_e5m2 is refused: compressed-tensors' float type of 8 bits is E4M3 only."""
+    from compressed_tensors.quantization import QuantizationArgs
+
+    assert QuantizationArgs(num_bits=8, type="float").pytorch_dtype() == torch.float8_e4m3fn
 
 
 def test_write_refuses_gptq_act_order_without_static_groups(tmp_path):
