@@ -112,7 +112,7 @@ def language_model(cfg: DictConfig, device: str) -> Workload:
         model.to("cpu")
         return metrics
 
-    context = ExportContext(tokenizer, source_gguf(cfg), describe_run(cfg))
+    context = ExportContext(tokenizer, source_gguf(cfg), describe_run(cfg), export_options(cfg))
     mapping = mapping_for(model) if cfg.method.steps else None  # a loaded quantized checkpoint is not remapped
     return Workload(model, mapping, samples, windows, int(windows.numel()), evaluate, context)
 
@@ -241,7 +241,12 @@ def export_plan(cfg: DictConfig, steps: list[Any]) -> ExportPlan:
     schemes = tuple(scheme for step in steps if hasattr(step, "schemes") for scheme in step.schemes())
     dtype = DTYPES.get(cfg.model.dtype, torch.float32) if source is None else \
         checkpoint_dtype(source, cfg.model.dtype)
-    return ExportPlan(schemes, in_features, dtype, model_type, source_gguf(cfg), local_dir)
+    return ExportPlan(schemes, in_features, dtype, model_type, source_gguf(cfg), local_dir, export_options(cfg))
+
+
+def export_options(cfg: DictConfig) -> dict[str, Any]:
+    """The export group's options: its keys besides ``name``."""
+    return {key: value for key, value in OmegaConf.to_container(cfg.export, resolve=True).items() if key != "name"}
 
 
 def pretrained_source(cfg: DictConfig) -> ResolvedSource | None:
@@ -268,6 +273,12 @@ def check_export(cfg: DictConfig, steps: list[Any]) -> Exporter | None:
         raise ConfigError(f"export={cfg.export.name}: method={cfg.method.name} quantizes nothing to export; "
                           f"allowed is export={EXPORT_NONE} (or a method with steps)")
     exporter = EXPORTERS[cfg.export.name]
+    for key, value in export_options(cfg).items():
+        if key not in exporter.options:
+            allowed = ", ".join(exporter.options) or "none"
+            raise ConfigError(f"export.{key}: unknown option of export={exporter.name}; allowed are {allowed}")
+        if value not in exporter.options[key]:
+            raise ConfigError(f"export.{key}={value!r}: allowed are {', '.join(exporter.options[key])}")
     try:
         exporter.check(export_plan(cfg, steps))
     except ExportError as error:

@@ -158,3 +158,11 @@ def test_every_family_reloads_to_the_same_logits(family, tmp_path):
     EXPORTERS["ptq"].write(model, tmp_path, ExportContext())
     reloaded = load_ptq_checkpoint(tmp_path).eval()
     assert torch.equal(logits(reloaded, samples(2)), logits(model, samples(2)))
+
+
+def test_export_options_are_checked_before_the_model_loads(tiny_config, tmp_path, monkeypatch):
+    monkeypatch.setattr("ptq.pipeline.load_model", lambda cfg: pytest.fail("the model was loaded"))
+    with pytest.raises(ConfigError, match=r"^export.embeddings='q4': allowed are model, q8_0$"):
+        run(tiny_config("export=gguf", "export.embeddings=q4"), tmp_path)
+    with pytest.raises(ConfigError, match=r"^export.shards: unknown option of export=ptq; allowed are none$"):
+        run(tiny_config("export=ptq", "+export.shards=2"), tmp_path)

@@ -42,21 +42,25 @@ class ExportPlan:
     model_type: str
     source_gguf: Path | None = None
     source_dir: Path | None = None
+    options: dict[str, Any] = field(default_factory=dict)  # the export group's keys besides ``name``
 
 
 @dataclass
 class ExportContext:
     """What an exporter writes with besides the model: the tokenizer (None for the classifier), the source GGUF
-    file (or None), and a one-line description of the run (method and scheme) for the file's metadata."""
+    file (or None), a one-line description of the run (method and scheme) for the file's metadata, the export
+    group's options, and ``extra``: what the exporter measured while writing (results.json records it)."""
 
     tokenizer: Any = None
     source_gguf: Path | None = None
     description: str = "ptq"
+    options: dict[str, Any] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
 
 
 class Exporter(Protocol):
     name: str
+    options: dict[str, tuple[str, ...]]  # option → allowed values (``export.<option>=...``)
 
     def check(self, plan: ExportPlan) -> None:
         """Raise ``ExportError`` (one line naming ``export=<name>``, the scheme and what is allowed) unless every

@@ -401,6 +401,7 @@ class CompressedTensorsExporter:
     mxfp4- or nvfp4-pack-quantized)."""
 
     name = NAME
+    options: dict[str, tuple[str, ...]] = {}
 
     def check(self, plan: ExportPlan) -> None:
         refusal = model_refusal(plan.model_type)

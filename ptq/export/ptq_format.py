@@ -123,6 +123,7 @@ class PtqExporter:
     """``export=ptq``: every FakeQuantLinear's integers, packed, with its grid, in one safetensors file."""
 
     name = "ptq"
+    options: dict[str, tuple[str, ...]] = {}
 
     def check(self, plan: ExportPlan) -> None:
         for scheme in plan.schemes:
