@@ -272,6 +272,12 @@ def check_export(cfg: DictConfig, steps: list[Any]) -> Exporter | None:
     if not steps:
         raise ConfigError(f"export={cfg.export.name}: method={cfg.method.name} quantizes nothing to export; "
                           f"allowed is export={EXPORT_NONE} (or a method with steps)")
+    online = [step.name for step in steps if online_modules(step)]
+    if online:
+        raise ConfigError(f"export={cfg.export.name}: method={cfg.method.name} adds run-time modules "
+                          f"({', '.join(online)}: online Hadamards, a quantized KV cache) that no export format "
+                          "stores yet; allowed is "
+                          f"export={EXPORT_NONE}, or rotation with r3=false r4=false and no kv_cache step")
     exporter = EXPORTERS[cfg.export.name]
     for key, value in export_options(cfg).items():
         if key not in exporter.options:
@@ -284,6 +290,15 @@ def check_export(cfg: DictConfig, steps: list[Any]) -> Exporter | None:
     except ExportError as error:
         raise ConfigError(str(error)) from None
     return exporter
+
+
+def online_modules(step: Any) -> bool:
+    """Whether a step leaves modules that run at inference besides the quantized Linears: a KV-cache quantizer, or
+    a rotation's online Hadamards (R3, R4, QuaRot's o_proj one); offline rotations only change the weights."""
+    if step.name == "kv_cache":
+        return True
+    return step.name == "rotation" and any(getattr(step, key, False)
+                                           for key in ("r3", "r4", "attention_output_hadamard"))
 
 
 def write_export(exporter: Exporter, model: torch.nn.Module, output_dir: Path, context: ExportContext,

@@ -166,3 +166,10 @@ def test_export_options_are_checked_before_the_model_loads(tiny_config, tmp_path
         run(tiny_config("export=gguf", "export.embeddings=q4"), tmp_path)
     with pytest.raises(ConfigError, match=r"^export.shards: unknown option of export=ptq; allowed are none$"):
         run(tiny_config("export=ptq", "+export.shards=2"), tmp_path)
+
+
+def test_methods_with_online_modules_are_refused_by_every_export(tiny_config, tmp_path, monkeypatch):
+    monkeypatch.setattr("ptq.pipeline.load_model", lambda cfg: pytest.fail("the model was loaded"))
+    for export in ("ptq", "compressed_tensors", "gguf"):
+        with pytest.raises(ConfigError, match=rf"^export={export}: method=quarot_rtn adds run-time modules"):
+            run(tiny_config("method=quarot_rtn", f"export={export}"), tmp_path)
