@@ -21,10 +21,19 @@ LINEAR_TYPES = (nn.Linear, Conv1D)
 
 
 class ActivationQuantizer(nn.Module):
-    """Fake-quantizes a Linear's input: per-token dynamic (qparams from each row) or static (fixed qparams)."""
+    """Fake-quantizes a Linear's input: per-token dynamic (qparams from each row) or static (fixed qparams).
 
-    def __init__(self, spec: QuantSpec, scale: torch.Tensor | None = None, zero: torch.Tensor | None = None) -> None:
+    ``clip_ratio`` c < 1 clips dynamic ranges to c · [min, max] of each row (QuaRot §5: 0.9 for activations, 0.95
+    for the KV cache); values beyond clamp to the grid's ends.
+    """
+
+    def __init__(self, spec: QuantSpec, scale: torch.Tensor | None = None, zero: torch.Tensor | None = None,
+                 clip_ratio: float = 1.0) -> None:
         super().__init__()
+        if not 0 < clip_ratio <= 1 or (scale is not None and clip_ratio != 1):
+            raise ValueError(f"clip_ratio={clip_ratio!r}: allowed is a number in (0, 1] for dynamic ranges, "
+                             "1 for static ones")
+        self.clip_ratio = clip_ratio
         if spec.granularity not in ("token", "tensor", "group"):
             raise ValueError(f"activations.granularity={spec.granularity!r}: allowed are token, tensor, group")
         self.spec = spec
@@ -34,14 +43,15 @@ class ActivationQuantizer(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.dynamic:
-            scale, zero = minmax_qparams(x, self.spec)
+            scale, zero = minmax_qparams(x * self.clip_ratio if self.clip_ratio != 1 else x, self.spec)
         else:
             scale, zero = self.scale, self.zero
         return fake_quantize(x, scale, zero, self.spec)
 
     def extra_repr(self) -> str:
         kind = "dynamic" if self.dynamic else "static"
-        return f"int{self.spec.bits} {self.spec.granularity} {kind} symmetric={self.spec.symmetric}"
+        clip = f" clip={self.clip_ratio}" if self.clip_ratio != 1 else ""
+        return f"int{self.spec.bits} {self.spec.granularity} {kind} symmetric={self.spec.symmetric}{clip}"
 
 
 class FakeQuantLinear(nn.Module):
@@ -64,6 +74,8 @@ class FakeQuantLinear(nn.Module):
         self.register_buffer("weight_zero", zero)
         self.register_buffer("g_idx", g_idx)
         self.input_quantizer = input_quantizer
+        if getattr(linear, "input_transform", None) is not None:
+            set_input_transform(self, linear.input_transform)
 
     @property
     def input_spec(self) -> QuantSpec | None:
@@ -78,6 +90,23 @@ class FakeQuantLinear(nn.Module):
         s = self.weight_spec
         group = f" g{s.group_size}" if s.granularity == "group" else f" {s.granularity}"
         return f"{self.in_features}, {self.out_features}, w{s.bits}{group} symmetric={s.symmetric}"
+
+
+def set_input_transform(linear: nn.Module, transform: nn.Module) -> None:
+    """Make ``linear`` compute f(transform(x)) for its input x, e.g. QuaRot's online Hadamard before down_proj.
+
+    ``transform`` becomes the submodule ``input_transform``, run by a forward pre-hook placed before every other
+    one, so that calibration hooks (GPTQ's Hessian, activation observers) and the input quantizer all see the
+    transformed input; a ``FakeQuantLinear`` made from ``linear`` keeps it.
+    """
+    if getattr(linear, "input_transform", None) is not None:
+        raise ValueError(f"{type(linear).__name__} already has an input transform")
+    linear.input_transform = transform
+    linear.register_forward_pre_hook(_transform_input, prepend=True)
+
+
+def _transform_input(module: nn.Module, args: tuple) -> tuple:
+    return (module.input_transform(args[0]), *args[1:])
 
 
 def set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:

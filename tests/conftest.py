@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +19,18 @@ from ptq.config import CONFIG_DIR, register_configs
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("WANDB_SILENT", "true")
+SESSION_MODEL_CACHE = None if os.environ.get("PTQ_CACHE_DIR") else tempfile.mkdtemp(prefix="ptq-test-cache-")
+if SESSION_MODEL_CACHE:  # models loaded from GGUF files are cached here for the session, not in ~/.cache/ptq
+    os.environ["PTQ_CACHE_DIR"] = SESSION_MODEL_CACHE
 register_configs()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _remove_session_model_cache():
+    yield
+    if SESSION_MODEL_CACHE:
+        shutil.rmtree(SESSION_MODEL_CACHE, ignore_errors=True)
+
 
 TINY = ["model=tiny-llama", "data.n_samples=8", "data.seq_len=64", "eval.max_windows=4", "progress=false"]
 

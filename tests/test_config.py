@@ -35,7 +35,7 @@ BAD_OVERRIDES = [
 @pytest.mark.parametrize("overrides,needle", BAD_OVERRIDES, ids=lambda v: " ".join(v) if isinstance(v, list) else "")
 def test_bad_input_exits_with_one_line(overrides, needle, tmp_path):
     proc = subprocess.run([sys.executable, str(ROOT / "run.py"), "logger=none", *overrides,
-                           f"hydra.run.dir={tmp_path}"], capture_output=True, text=True, timeout=60,
+                           f"hydra.run.dir={tmp_path}"], capture_output=True, text=True, timeout=180,
                           env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"})
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert proc.returncode != 0

@@ -15,6 +15,14 @@ GPT-2's c_proj after GELU). ``mha_only`` marks the attention-output group: the v
 inputs only when every query head has its own value head; under grouped-query attention ``mapping_for``
 drops the group from scaling (as AutoAWQ does) and o_proj is still quantized. One mapping serves every
 transform; the groups are in the order a block computes them (GPTQ's true-sequential order).
+
+For rotations and the KV cache (``ptq.transforms.rotation``, ``ptq.kv_cache``): ``norm`` is the kind of the
+block's norms (``rmsnorm``: pre-norm RMSNorm only, which commutes with a rotation of the residual stream;
+``layernorm``: LayerNorm, which subtracts the mean; ``sandwich``: RMSNorm also on each sublayer's output before the
+residual add, Gemma 2/3), ``final_norm`` the norm before the LM head (named beside the block list: ``norm`` is
+``model.norm`` for ``model.layers``), ``attention`` the block's attention module, and ``kv_hook`` how keys and values
+after RoPE are reached (``attention_interface``: transformers' AttentionInterface call, which sees queries, keys and
+values; ``layer_past``: the cache argument's ``update``).
 """
 
 from __future__ import annotations
@@ -43,6 +51,10 @@ class Mapping:
     groups: tuple[Group, ...]
     smoothquant_alpha: float = 0.5  # the migration strength the SmoothQuant authors report for the family
     requires: tuple[tuple[str, object], ...] = ()  # (config attribute, value) pairs this layout needs
+    norm: str = "rmsnorm"  # rmsnorm | layernorm | sandwich: only rmsnorm blocks can be rotated
+    final_norm: str = "norm"
+    attention: str = "self_attn"
+    kv_hook: str = "attention_interface"  # attention_interface | layer_past
 
     @property
     def linear_names(self) -> list[str]:
@@ -72,7 +84,7 @@ def llama_like(norm_fold: str = "norm", mlp_norm: str = "post_attention_layernor
 LLAMA = llama_like()
 GEMMA = llama_like(norm_fold="norm_plus_one")
 # Gemma 2/3: post_attention_layernorm normalises the attention *output*; the MLP reads pre_feedforward_layernorm.
-GEMMA2 = llama_like(norm_fold="norm_plus_one", mlp_norm="pre_feedforward_layernorm")
+GEMMA2 = replace(llama_like(norm_fold="norm_plus_one", mlp_norm="pre_feedforward_layernorm"), norm="sandwich")
 GEMMA3_MULTIMODAL = replace(GEMMA2, blocks="model.language_model.layers")
 
 PHI3 = Mapping(
@@ -98,6 +110,8 @@ OPT = Mapping(
         Group("fc1", ("fc2",), "fc2", "linear"),
     ),
     requires=(("do_layer_norm_before", True),),
+    norm="layernorm",
+    final_norm="final_layer_norm",
 )
 OPT_POST_LN = replace(OPT, groups=tuple(replace(g, prev=None) if g.fold == "norm" else g for g in OPT.groups),
                       requires=(("do_layer_norm_before", False),))
@@ -111,6 +125,9 @@ GPT2 = Mapping(
         Group("ln_2", ("mlp.c_fc",), "mlp"),
         Group(None, ("mlp.c_proj",), "mlp.c_proj"),
     ),
+    norm="layernorm",
+    final_norm="ln_f",
+    attention="attn",
 )
 
 # Falcon has three block layouts under one model_type: two norms in parallel (40B/180B), sequential attention
@@ -118,13 +135,15 @@ GPT2 = Mapping(
 # has GELU, so dense and dense_4h_to_h are quantized but not rescaled (as AutoAWQ does).
 _FALCON_OUT = (Group(None, ("self_attention.dense",), "self_attention.dense"),
                Group(None, ("mlp.dense_4h_to_h",), "mlp.dense_4h_to_h"))
+_FALCON = dict(norm="layernorm", final_norm="ln_f", attention="self_attention", kv_hook="layer_past")
 FALCON = (
     Mapping("transformer.h", (Group("ln_attn", ("self_attention.query_key_value",), "self_attention"),
-                              Group("ln_mlp", ("mlp.dense_h_to_4h",), "mlp"), *_FALCON_OUT), 0.6),
+                              Group("ln_mlp", ("mlp.dense_h_to_4h",), "mlp"), *_FALCON_OUT), 0.6, **_FALCON),
     Mapping("transformer.h", (Group("input_layernorm", ("self_attention.query_key_value",), "self_attention"),
-                              Group("post_attention_layernorm", ("mlp.dense_h_to_4h",), "mlp"), *_FALCON_OUT), 0.6),
+                              Group("post_attention_layernorm", ("mlp.dense_h_to_4h",), "mlp"), *_FALCON_OUT), 0.6,
+            **_FALCON),
     Mapping("transformer.h", (Group("input_layernorm", ("self_attention.query_key_value", "mlp.dense_h_to_4h"), ""),
-                              *_FALCON_OUT), 0.6),
+                              *_FALCON_OUT), 0.6, **_FALCON),
 )
 
 # HF model_type → mapping, or several layouts of one model_type: the first that ``fits`` the model is used.

@@ -14,13 +14,16 @@ from ptq.calibrate import Transform
 from ptq.spec import QuantSpec
 from ptq.transforms.awq import AWQ
 from ptq.transforms.gptq import GPTQ
+from ptq.transforms.kv_cache import KVCache
 from ptq.transforms.llm_int8 import LLMInt8
 from ptq.transforms.mixed_precision import MixedPrecision
+from ptq.transforms.rotation import Rotation
 from ptq.transforms.rtn import RTN
 from ptq.transforms.smoothquant import SmoothQuant
 
 TRANSFORMS: dict[str, Callable[..., Transform]] = {"rtn": RTN, "gptq": GPTQ, "awq": AWQ, "smoothquant": SmoothQuant,
-                                                   "llm_int8": LLMInt8, "mixed": MixedPrecision}
+                                                   "llm_int8": LLMInt8, "mixed": MixedPrecision,
+                                                   "rotation": Rotation, "kv_cache": KVCache}
 
 OBSERVER_KEY = "name"
 DEFAULT_SCALE_DTYPE = "float32"
