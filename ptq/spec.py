@@ -121,12 +121,13 @@ class LinearScheme:
 
     ``act_order``: the input columns are not in group order (GPTQ's act-order without static groups), so a format
     needs a per-column group index (``g_idx``). ``outliers``: LLM.int8()'s full-precision outlier columns, found at
-    run time.
+    run time. ``act_clip_ratio``: dynamic activation ranges clipped to that fraction of each token's [min, max].
     """
 
     weight: QuantSpec
     activations: QuantSpec | None = None
     static_activations: bool = False
+    act_clip_ratio: float = 1.0
     act_order: bool = False
     outliers: bool = False
 
@@ -142,4 +143,5 @@ class LinearScheme:
             a = self.activations
             text += f" · a{a.bits} {a.granularity} {'static' if self.static_activations else 'dynamic'}"
             text += "" if a.format == "int" else f" {a.format}"
+            text += "" if self.act_clip_ratio == 1 else f" clip {self.act_clip_ratio:g}"
         return text + (" · fp16 outliers" if self.outliers else "")

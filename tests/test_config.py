@@ -7,8 +7,10 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from ptq.config import ConfigError, validate
+from ptq.transforms import build_steps
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -55,6 +57,28 @@ def test_bad_input_exits_with_one_line(overrides, needle, tmp_path):
 def test_validate_names_the_key(tiny_config, override, needle):
     with pytest.raises(ConfigError, match=needle.replace("[", r"\[").replace(".", r"\.")):
         validate(tiny_config(override))
+
+
+def test_activation_clip_ratio_reaches_every_input_quantizer_and_changes_the_output():
+    from test_export_ptq import calibrated_llama
+
+    steps = [{"name": "rtn", "weight": {"bits": 8, "granularity": "channel"},
+              "activations": {"bits": 4, "granularity": "token", "clip_ratio": clip}} for clip in (1.0, 0.7)]
+    models = [calibrated_llama([step]) for step in steps]
+    quantizers = [[m.input_quantizer for m in model.modules() if hasattr(m, "input_quantizer")] for model in models]
+    assert len(quantizers[1]) == 14 and {q.clip_ratio for q in quantizers[1]} == {0.7}
+    tokens = torch.randint(0, 96, (2, 12))
+    with torch.no_grad():
+        assert not torch.allclose(models[0](tokens).logits, models[1](tokens).logits)
+
+
+@pytest.mark.parametrize("activations", [{"bits": 4, "granularity": "token", "clip_ratio": 1.5},
+                                         {"bits": 8, "granularity": "tensor", "clip_ratio": 0.9,
+                                          "observer": {"name": "minmax"}}])
+def test_a_clip_ratio_outside_0_1_or_on_static_ranges_is_refused(activations):
+    step = {"name": "rtn", "weight": {"bits": 8, "granularity": "channel"}, "activations": activations}
+    with pytest.raises(ValueError, match=r"activations\.clip_ratio=.*allowed"):
+        build_steps([step], {"name": "minmax"})
 
 
 def test_group_size_null_means_per_channel(tiny_config):

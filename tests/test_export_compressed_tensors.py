@@ -404,6 +404,8 @@ REFUSED = [
      "llama", "into bfloat16 parameters"),
     (LinearScheme(QuantSpec(**MXFP4)), frozenset({64, 80}), torch.float32, "llama",
      "in_features 80 not a multiple of group_size=32"),
+    (LinearScheme(QuantSpec(bits=8, granularity="channel"), QuantSpec(bits=8, granularity="token"),
+                  act_clip_ratio=0.9), frozenset({64}), torch.float32, "llama", "no clip ratio"),
 ]
 MIXED_ASYMMETRIC = (LinearScheme(QuantSpec(bits=3, symmetric=False, group_size=32)),
                     LinearScheme(QuantSpec(bits=5, symmetric=False, group_size=32)))

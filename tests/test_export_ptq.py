@@ -38,6 +38,8 @@ SCHEMES = {
                      "activations": {"bits": 8, "symmetric": False, "granularity": "tensor",
                                      "observer": {"name": "minmax"}}}],
     "mixed w3..w5": [{"name": "mixed", "weight": {"bits": 3, **GROUP}, "high_bits": 5, "avg_bits": 4.0}],
+    "gptq w4a4 clipped": [{"name": "gptq", "weight": {"bits": 4, **GROUP},
+                           "activations": {"bits": 4, "granularity": "token", "clip_ratio": 0.8}}],
 }
 
 
@@ -71,7 +73,8 @@ def test_checkpoint_reproduces_every_integer_scale_and_weight(scheme, tmp_path):
         assert torch.equal(stored.weight.to(linear.weight.dtype), linear.weight), name
 
 
-@pytest.mark.parametrize("scheme", ["gptq w3 act-order ragged groups", "w8a8 static", "mixed w3..w5"])
+@pytest.mark.parametrize("scheme", ["gptq w3 act-order ragged groups", "w8a8 static", "mixed w3..w5",
+                                    "gptq w4a4 clipped"])
 def test_reloaded_model_computes_what_the_run_computed(scheme, tmp_path):
     model = calibrated_llama(SCHEMES[scheme])
     EXPORTERS["ptq"].write(model, tmp_path, ExportContext())

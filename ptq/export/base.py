@@ -85,6 +85,16 @@ def group_order_index(linear: FakeQuantLinear) -> torch.Tensor | None:
     return None if torch.equal(linear.g_idx.long(), layout) else linear.g_idx
 
 
+def linear_scheme(linear: FakeQuantLinear) -> LinearScheme:
+    """What a calibrated Linear holds, as an exporter's ``check`` judges schemes (outliers are never a
+    FakeQuantLinear's)."""
+    quantizer = linear.input_quantizer
+    static = quantizer is not None and not quantizer.dynamic
+    clip_ratio = quantizer.clip_ratio if quantizer is not None else 1.0
+    return LinearScheme(linear.weight_spec, linear.input_spec, static, clip_ratio,
+                        act_order=group_order_index(linear) is not None)
+
+
 def refuse(name: str, reason: str, allowed: str) -> ExportError:
     """The one-line error: ``export=<name>: <reason>; allowed <allowed>``."""
     return ExportError(f"export={name}: {reason}; allowed {allowed}")

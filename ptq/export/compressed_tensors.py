@@ -64,7 +64,7 @@ import torch
 from torch import nn
 
 from ptq.affine import dequantize
-from ptq.export.base import ExportContext, ExportPlan, calibrated_linears, group_order_index, refuse
+from ptq.export.base import ExportContext, ExportPlan, calibrated_linears, linear_scheme, refuse
 from ptq.formats import E4M3, E4M3_SMALLEST
 from ptq.nn import ActivationQuantizer, FakeQuantLinear, set_submodule
 from ptq.spec import LinearScheme, QuantSpec
@@ -145,6 +145,9 @@ def format_refusal(scheme: LinearScheme, model_dtype: torch.dtype) -> tuple[str,
 
 def activation_refusal(scheme: LinearScheme, plan: ExportPlan) -> tuple[str, str] | None:
     """(reason, allowed) when transformers' compressed-tensors forward would not quantize the inputs as ptq does."""
+    if scheme.act_clip_ratio != 1:
+        return (f"compressed-tensors has no clip ratio for dynamic activations (activations.clip_ratio="
+                f"{scheme.act_clip_ratio:g})", "activations.clip_ratio=1")
     if not scheme.static_activations and plan.model_type in FLAT_INPUT_MODELS:
         return (f"{plan.model_type} flattens some Linears' inputs to [tokens, features], of which compressed-tensors' "
                 "per-token quantization takes one scale for the whole tensor", f"static activations "
@@ -191,13 +194,6 @@ def plan_refusal(schemes: tuple[LinearScheme, ...]) -> tuple[LinearScheme, str, 
     return (asymmetric[0], f"{len(asymmetric)} asymmetric weight-only widths: transformers 5 dequantizes every "
             "layer with the first config group's scheme and cannot load packed zero points compressed",
             "symmetric=true for mixed precision, or one asymmetric width")
-
-
-def linear_scheme(linear: FakeQuantLinear) -> LinearScheme:
-    """What a calibrated Linear holds, as the scheme ``check`` judges (outliers are never a FakeQuantLinear's)."""
-    quantizer = linear.input_quantizer
-    return LinearScheme(linear.weight_spec, linear.input_spec, quantizer is not None and not quantizer.dynamic,
-                        act_order=group_order_index(linear) is not None)
 
 
 def quantization_args(spec: QuantSpec, dynamic: bool = False) -> QuantizationArgs:

@@ -69,7 +69,7 @@ from gguf import (
 from torch import nn
 
 from ptq.affine import expand
-from ptq.export.base import ExportContext, ExportError, ExportPlan, calibrated_linears, group_order_index, refuse
+from ptq.export.base import ExportContext, ExportError, ExportPlan, calibrated_linears, linear_scheme, refuse
 from ptq.nn import FakeQuantLinear
 from ptq.spec import LinearScheme, QuantSpec
 
@@ -282,13 +282,6 @@ SCHEME_RULES: tuple[Callable[[LinearScheme], Refusal], ...] = (
 def scheme_refusal(scheme: LinearScheme) -> Refusal:
     """The first rule that ``scheme`` breaks, as (reason, allowed), or None when GGUF holds it exactly."""
     return next((refusal for refusal in (rule(scheme) for rule in SCHEME_RULES) if refusal is not None), None)
-
-
-def linear_scheme(linear: FakeQuantLinear) -> LinearScheme:
-    """What a calibrated Linear holds, as ``check`` judges schemes (outliers are never a FakeQuantLinear's)."""
-    quantizer = linear.input_quantizer
-    return LinearScheme(linear.weight_spec, linear.input_spec, quantizer is not None and not quantizer.dynamic,
-                        act_order=group_order_index(linear) is not None)
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -97,6 +97,7 @@ def layer_entry(linear: FakeQuantLinear) -> dict[str, Any]:
         "weight": dataclasses.asdict(linear.weight_spec),
         "activations": None if quantizer is None else dataclasses.asdict(quantizer.spec),
         "static_activations": quantizer is not None and not quantizer.dynamic,
+        "activation_clip_ratio": 1.0 if quantizer is None else quantizer.clip_ratio,
     }
 
 
@@ -193,7 +194,7 @@ def stored_layer(name: str, entry: dict[str, Any], tensors: dict[str, torch.Tens
     if entry["activations"] is not None:
         act_spec = QuantSpec(**entry["activations"])
         quantizer = ActivationQuantizer(act_spec, tensors[f"{name}.input_scale"], tensors[f"{name}.input_zero"]) \
-            if entry["static_activations"] else ActivationQuantizer(act_spec)
+            if entry["static_activations"] else ActivationQuantizer(act_spec, clip_ratio=entry["activation_clip_ratio"])
     q = unpack_codes(tensors[f"{name}.qweight"], spec, entry["in_features"])
     return StoredLayer(spec, q, scale, zero, None if g_idx is None else g_idx.long(), quantizer)
 

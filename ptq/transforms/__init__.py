@@ -2,7 +2,7 @@
 
 A method is a list of steps run block by block (``ptq.calibrate``): rescalers first (SmoothQuant, AWQ), then one
 quantizer (RTN, GPTQ). Each step is a dict: ``name`` plus the algorithm's options; ``weight`` and
-``activations`` hold QuantSpec fields.
+``activations`` hold QuantSpec fields (``activations`` also ``observer`` for static ranges and ``clip_ratio``).
 """
 
 from __future__ import annotations
@@ -58,6 +58,8 @@ def build_step(step: dict[str, Any], observer: dict[str, Any], index: int,
     if activations:
         activations = dict(activations)
         act_observer = activations.pop("observer", None)
+        if "clip_ratio" in activations:
+            step["act_clip_ratio"] = activations.pop("clip_ratio")
         if act_observer:  # static qparams are stored; per-token ones are computed at run time, in float32
             activations = {"scale_dtype": scale_dtype, **activations}
         step["activations"] = _spec(activations, f"{key}.activations")

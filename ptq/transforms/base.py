@@ -48,7 +48,8 @@ class Quantizer:
     """Base of weight quantizers: ``weight`` spec, weight ``observer``, optional ``activations`` spec.
 
     ``act_observer`` None means dynamic activation qparams (per token); a name calibrates static per-tensor
-    qparams from the block's calibration inputs with that observer.
+    qparams from the block's calibration inputs with that observer. ``act_clip_ratio`` c < 1 clips each token's
+    dynamic range to c · [min, max] (QuaRot §5 uses 0.9 for int4 activations).
     """
 
     weight: QuantSpec
@@ -57,6 +58,7 @@ class Quantizer:
     activations: QuantSpec | None = None
     act_observer: str | None = None
     act_observer_options: dict[str, Any] = field(default_factory=dict)
+    act_clip_ratio: float = 1.0
     quantize_lm_head: bool = False
 
     def __post_init__(self) -> None:
@@ -70,6 +72,9 @@ class Quantizer:
                 )
             if self.act_observer is not None:
                 check_observer(self.act_observer, self.act_observer_options, "activations.observer")
+            if not 0 < self.act_clip_ratio <= 1 or (self.act_observer is not None and self.act_clip_ratio != 1):
+                raise ValueError(f"activations.clip_ratio={self.act_clip_ratio!r}: allowed is a number in (0, 1] "
+                                 "for dynamic activations, 1 with activations.observer (static ranges)")
 
     @property
     def needs_data(self) -> bool:
@@ -77,7 +82,7 @@ class Quantizer:
 
     def schemes(self) -> list[LinearScheme]:
         """What this step makes of the Linears it quantizes (one scheme; mixed precision has one per width)."""
-        return [LinearScheme(self.weight, self.activations, self.act_observer is not None)]
+        return [LinearScheme(self.weight, self.activations, self.act_observer is not None, self.act_clip_ratio)]
 
     def quantize_weight(self, name: str, weight: torch.Tensor, inputs: Any) -> QuantizedWeight:
         raise NotImplementedError
@@ -99,21 +104,25 @@ class Quantizer:
                 swap_to_fake_quant(ctx.block, name, linear, self.weight, result)
                 ctx.logs[ctx.qualified(name)] = layer_log(self.weight, linear.weight.data.float(), result)
         if self.activations is not None:
-            attach_activation_quantizers(ctx, self.activations, self.act_observer, self.act_observer_options)
+            self.attach_activation_quantizers(ctx)
 
+    def input_quantizer(self, observer: Observer | None, device: torch.device) -> ActivationQuantizer:
+        """A Linear's input quantizer: dynamic (clipped by ``act_clip_ratio``), or static from a calibrated
+        ``observer``."""
+        if observer is None:
+            return ActivationQuantizer(self.activations, clip_ratio=self.act_clip_ratio)
+        return static_input_quantizer(self.activations, observer, device)
 
-def attach_activation_quantizers(ctx: BlockContext, spec: QuantSpec, observer: str | None,
-                                 options: dict[str, Any]) -> None:
-    """Give every quantized Linear of the block an input quantizer (dynamic, or static from ``observer``)."""
-    names = ctx.mapping.linear_names
-    if observer is None:
-        for name in names:
-            ctx.module(name).input_quantizer = ActivationQuantizer(spec)
-        return
-    observers = {name: build_observer(observer, spec, **options) for name in names}
-    ctx.stream({name: obs.update for name, obs in observers.items()})
-    for name, obs in observers.items():
-        ctx.module(name).input_quantizer = static_input_quantizer(spec, obs, ctx.device)
+    def attach_activation_quantizers(self, ctx: BlockContext) -> None:
+        """Give every quantized Linear of the block its input quantizer (static ones observe the block's inputs)."""
+        names = ctx.mapping.linear_names
+        observers: dict[str, Observer | None] = dict.fromkeys(names)
+        if self.act_observer is not None:
+            observers = {name: build_observer(self.act_observer, self.activations, **self.act_observer_options)
+                         for name in names}
+            ctx.stream({name: obs.update for name, obs in observers.items()})
+        for name, obs in observers.items():
+            ctx.module(name).input_quantizer = self.input_quantizer(obs, ctx.device)
 
 
 def static_input_quantizer(spec: QuantSpec, obs: Observer, device: torch.device) -> ActivationQuantizer:

@@ -36,7 +36,7 @@ from ptq.calibrate import BlockContext, main_input, replace_main_input
 from ptq.nn import ActivationQuantizer
 from ptq.observers import Observer, Qparams, build_observer
 from ptq.spec import LinearScheme, QuantSpec
-from ptq.transforms.base import QuantizedWeight, Quantizer, layer_log, static_input_quantizer, swap_to_fake_quant
+from ptq.transforms.base import QuantizedWeight, Quantizer, layer_log, swap_to_fake_quant
 
 DAMP_RETRIES = 5
 
@@ -411,8 +411,7 @@ class GPTQ(Quantizer):
         self.quantize_group(ctx, members, hessian)
         if self.activations is None:
             return None
-        quantizer = (ActivationQuantizer(self.activations) if observer is None
-                     else static_input_quantizer(self.activations, observer, ctx.device))
+        quantizer = self.input_quantizer(observer, ctx.device)
         for member in members:
             ctx.module(member).input_quantizer = quantizer
         return quantizer

@@ -49,7 +49,7 @@ from ptq.models.mappings import Mapping, blocks_of
 from ptq.nn import as_linears
 from ptq.observers import build_observer
 from ptq.spec import MAX_BITS, LinearScheme, QuantSpec
-from ptq.transforms.base import Quantizer, attach_activation_quantizers, layer_log, swap_to_fake_quant
+from ptq.transforms.base import Quantizer, layer_log, swap_to_fake_quant
 from ptq.transforms.gptq import GPTQ
 from ptq.transforms.rtn import RTN
 
@@ -236,4 +236,4 @@ class MixedPrecision(Quantizer):
                 sensitivity = self.errors_of[qualified][quantizer.weight.bits]
                 ctx.logs[qualified] = {**layer_log(quantizer.weight, weight, result), "sensitivity": sensitivity}
         if self.activations is not None:
-            attach_activation_quantizers(ctx, self.activations, self.act_observer, self.act_observer_options)
+            self.attach_activation_quantizers(ctx)
