@@ -166,6 +166,34 @@ def _first(output: Any) -> torch.Tensor:
     return output[0] if isinstance(output, (tuple, list)) else output
 
 
+class BlockSource(Protocol):
+    """Where the engine gets each block's weights: ``EAGER`` for a model in memory; ``ptq.models.lazy`` loads them
+    from the checkpoint when a block is reached (``materialize``) and frees them after, keeping a calibrated block
+    (``keep``) or dropping an unchanged one (``release``)."""
+
+    def materialize(self, index: int, block: nn.Module) -> None: ...
+
+    def keep(self, index: int, block: nn.Module) -> None: ...
+
+    def release(self, index: int, block: nn.Module) -> None: ...
+
+
+class InMemory:
+    """The blocks of a model that is loaded whole: nothing to load, keep or free."""
+
+    def materialize(self, index: int, block: nn.Module) -> None:
+        return None
+
+    def keep(self, index: int, block: nn.Module) -> None:
+        return None
+
+    def release(self, index: int, block: nn.Module) -> None:
+        return None
+
+
+EAGER: BlockSource = InMemory()
+
+
 class Transform(Protocol):
     """A calibration step applied to each block in turn (see ``ptq.transforms``)."""
 
@@ -227,11 +255,12 @@ def map_tensors(value: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:
 @torch.no_grad()
 def calibrate(model: nn.Module, mapping: Mapping, samples: torch.Tensor, transforms: list[Transform],
               device: str | torch.device = "cpu", batch_size: int = 8, propagate: str = "quantized",
-              progress: bool = True) -> dict[str, dict[str, Any]]:
+              progress: bool = True, source: BlockSource = EAGER) -> dict[str, dict[str, Any]]:
     """Apply ``transforms`` to every block of ``model`` in order; return per-layer logs keyed by module name.
 
     ``propagate="quantized"`` hands the quantized block's outputs to the next block (GPTQ, AWQ);
-    ``propagate="fp"`` hands on the full-precision outputs instead.
+    ``propagate="fp"`` hands on the full-precision outputs instead. ``source`` gives each block its weights when
+    the loop reaches it and keeps the calibrated block after (``ptq.models.lazy``); a model in memory needs none.
     """
     if propagate not in ("quantized", "fp"):
         raise ValueError(f"calibration.propagate={propagate!r}: allowed are quantized, fp")
@@ -246,6 +275,7 @@ def calibrate(model: nn.Module, mapping: Mapping, samples: torch.Tensor, transfo
         kwargs = [map_tensors(kw, lambda t: t.to(device)) for kw in kwargs]  # the same for every block
     logs: dict[str, dict[str, Any]] = {}
     for index in tqdm(range(len(blocks)), desc="calibrate", disable=not progress):
+        source.materialize(index, blocks[index])
         block = as_linears(blocks[index]).to(device)
         ctx = BlockContext(block, index, f"{mapping.blocks}.{index}", mapping, inputs, kwargs, device)
         fp_outputs = ctx.outputs() if propagate == "fp" and needs_data else None
@@ -258,4 +288,5 @@ def calibrate(model: nn.Module, mapping: Mapping, samples: torch.Tensor, transfo
             inputs = ctx.known_outputs if ctx.known_outputs is not None else ctx.outputs()
         logs.update(ctx.logs)
         blocks[index] = block.to("cpu")
+        source.keep(index, blocks[index])
     return logs

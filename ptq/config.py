@@ -42,6 +42,8 @@ class ModelConfig:
     gguf_file: str | None = None
     dtype: str = "float32"  # auto: the checkpoint's own dtype
     random_init: dict[str, Any] | None = None
+    lazy: Any = "auto"  # true | false | auto: load one block at a time (ptq.models.lazy)
+    lazy_threshold_gb: float = 4.0  # auto: lazy for local safetensors checkpoints larger than this
 
 
 @dataclass

@@ -15,11 +15,12 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from ptq.calibrate import calibrate
+from ptq import distributed
+from ptq.calibrate import EAGER, BlockSource, calibrate
 from ptq.config import ConfigError, validate
 from ptq.data import calibration_samples, evaluation_windows, load_tokens
 from ptq.diagnostics import Diagnostics
-from ptq.eval.perplexity import perplexity
+from ptq.eval.perplexity import blockwise_perplexity, perplexity
 from ptq.export import EXPORT_NONE, EXPORTERS, ExportContext, Exporter, ExportError, ExportPlan, files_size
 from ptq.models import (
     Mapping,
@@ -31,6 +32,7 @@ from ptq.models import (
     random_llama,
     resolve_source,
 )
+from ptq.models.lazy import LazyLoadError, load_lazy, model_parts, wants_lazy
 from ptq.models.loading import DTYPES, checkpoint_dtype, embedded_smollm2, load_config, random_llama_config
 from ptq.models.mappings import blocks_of
 from ptq.nn import FakeQuantLinear
@@ -81,7 +83,8 @@ def load_model(cfg: DictConfig) -> tuple[torch.nn.Module, Any]:
 class Workload:
     """What the pipeline needs of a kind of model (``model.kind``): the model and its mapping (None when nothing is
     calibrated), the calibration inputs (batched along dim 0), the evaluation inputs (they key the cached baseline),
-    the metrics and what an export writes besides the model."""
+    the metrics, what an export writes besides the model, and where the blocks' weights come from (``EAGER``: the
+    model is in memory; a lazily loaded model's ``ptq.models.lazy.ShardedBlocks``)."""
 
     model: torch.nn.Module
     mapping: Mapping | None
@@ -90,10 +93,14 @@ class Workload:
     eval_tokens: int
     evaluate: Callable[[], dict[str, float]]
     export_context: ExportContext = field(default_factory=ExportContext)
+    blocks: BlockSource = EAGER
 
 
 def language_model(cfg: DictConfig, device: str) -> Workload:
-    """A causal LM: calibrated on token windows of ``data``, scored by perplexity and the ``eval.tasks``."""
+    """A causal LM: calibrated on token windows of ``data``, scored by perplexity and the ``eval.tasks``; with
+    ``model.lazy``, loaded one block at a time and scored by perplexity block by block."""
+    if lazy_model(cfg):
+        return lazy_language_model(cfg, device)
     model, tokenizer = load_model(cfg)
     tokens = load_tokens(cfg.data.name, tokenizer, cfg.data.path)
     samples = calibration_samples(tokens.calibration, cfg.data.n_samples, cfg.data.seq_len, cfg.seed)
@@ -115,6 +122,54 @@ def language_model(cfg: DictConfig, device: str) -> Workload:
     context = ExportContext(tokenizer, source_gguf(cfg), describe_run(cfg), export_options(cfg))
     mapping = mapping_for(model) if cfg.method.steps else None  # a loaded quantized checkpoint is not remapped
     return Workload(model, mapping, samples, windows, int(windows.numel()), evaluate, context)
+
+
+def lazy_language_model(cfg: DictConfig, device: str) -> Workload:
+    """``language_model`` for a checkpoint loaded lazily (``ptq.models.lazy``): the blocks stay on the meta device
+    until calibration, evaluation or the export reaches them."""
+    source = pretrained_source(cfg)
+    model, blocks = load_lazy(source, cfg.model.dtype)
+    mapping = mapping_for(model)
+    tokens = load_tokens(cfg.data.name, load_tokenizer(source), cfg.data.path)
+    samples = calibration_samples(tokens.calibration, cfg.data.n_samples, cfg.data.seq_len, cfg.seed)
+    windows = evaluation_windows(tokens.evaluation, cfg.eval.seq_len, cfg.eval.max_windows)
+
+    def evaluate() -> dict[str, float]:
+        return {"perplexity": blockwise_perplexity(model, mapping, blocks, windows, cfg.eval.batch_size, device,
+                                                   cfg.progress)}
+
+    context = ExportContext(load_tokenizer(source), None, describe_run(cfg), export_options(cfg),
+                            parts=lambda: model_parts(model, mapping, blocks))
+    return Workload(model, mapping, samples, windows, int(windows.numel()), evaluate, context, blocks)
+
+
+def lazy_model(cfg: DictConfig) -> bool:
+    """Whether ``model.lazy`` (true / false / auto, with ``model.lazy_threshold_gb``) loads this run's model one
+    block at a time; a one-line ``ConfigError`` where it was asked for and cannot."""
+    if cfg.model.kind != "causal_lm":
+        return False
+    try:
+        return wants_lazy(cfg.model.lazy, pretrained_source(cfg), cfg.model.lazy_threshold_gb)
+    except LazyLoadError as error:
+        raise ConfigError(str(error)) from None
+
+
+def check_lazy(cfg: DictConfig, steps: list[Any], exporter: Exporter | None) -> None:
+    """Refuse, before the model loads, what needs the whole model in memory when it is loaded lazily."""
+    if not lazy_model(cfg):
+        return
+    whole = [step.name for step in steps if hasattr(step, "prepare")]
+    conflicts = [
+        (bool(cfg.eval.tasks), f"eval.tasks={list(cfg.eval.tasks)!r}: lm-eval tasks", "eval.tasks=[]"),
+        (cfg.backend != "fake", f"backend={cfg.backend}: packing the whole model", "backend=fake"),
+        (bool(whole), f"method={cfg.method.name}: its steps {whole} see the whole model first", "another method"),
+        (exporter is not None and not getattr(exporter, "sharded", False),
+         f"export={cfg.export.name}: this format is written from the whole model", "export=ptq or export=none"),
+    ]
+    for conflict, what, instead in conflicts:
+        if conflict:
+            raise ConfigError(f"{what} need(s) the whole model in memory, which model.lazy loads one block at a time; "
+                              f"allowed are {instead}, or model.lazy=false")
 
 
 def classifier(cfg: DictConfig, device: str) -> Workload:
@@ -325,11 +380,15 @@ def write_export(exporter: Exporter, model: torch.nn.Module, output_dir: Path, c
 
 def run(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
     """Run one configured experiment; write ``results.json`` into ``output_dir`` and return the results."""
+    distributed.init_from_env()
     steps = validate(cfg)
     check_tasks(cfg)
     exporter = check_export(cfg, steps)
+    check_lazy(cfg, steps, exporter)
     done = completed_results(output_dir)
-    if done is not None and done.get("config") == OmegaConf.to_container(cfg, resolve=True):
+    if distributed.broadcast_flag(done is not None and done.get("config") == OmegaConf.to_container(cfg, resolve=True)):
+        if not distributed.is_main():
+            return worker_results()
         print(f"skipping: {output_dir / 'results.json'} is complete for this config")
         print(summary_table(done))
         return done
@@ -337,7 +396,8 @@ def run(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
     torch.manual_seed(cfg.seed)
     timer = Timer()
     container = OmegaConf.to_container(cfg, resolve=True)
-    tracker = Tracker(container["logger"], container, output_dir, run_name(cfg))
+    logger = container["logger"] if distributed.is_main() else {**container["logger"], "name": "none"}
+    tracker = Tracker(logger, container, output_dir, run_name(cfg))
 
     with timer.stage("load"):
         work = WORKLOADS[cfg.model.kind](cfg, device)
@@ -345,7 +405,7 @@ def run(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
     probe = Diagnostics() if cfg.diagnostics else None
 
     baseline, from_cache = {}, False
-    if cfg.eval.baseline and steps:
+    if cfg.eval.baseline and steps and distributed.is_main():
         with timer.stage("eval_baseline"):
             baseline, from_cache = cached_baseline(cfg, windows, evaluate)
 
@@ -355,8 +415,11 @@ def run(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
             for step in steps:
                 if hasattr(step, "prepare"):  # a step that sees the whole model first (mixed precision's pre-pass)
                     step.prepare(model, work.mapping, samples, cfg.data.batch_size, device)
-            layers = calibrate(model, work.mapping, samples, probe.wrap(steps) if probe else steps, device,
-                               cfg.data.batch_size, cfg.method.propagate, cfg.progress)
+            layers = calibrate(model, work.mapping, distributed.shard(samples), probe.wrap(steps) if probe else steps,
+                               device, cfg.data.batch_size, cfg.method.propagate, cfg.progress, work.blocks)
+    if not distributed.is_main():  # rank 0 evaluates, logs and writes; the others wait for it
+        distributed.finish()
+        return worker_results()
     size = model_size(model)
     source = pretrained_source(cfg)
     if not steps and source is not None and source.kind != "hub":
@@ -397,7 +460,13 @@ def run(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
         tracker.log_images(probe.write_plots(layers, output_dir))
     tracker.finish(flat_summary(results), path)
     print(summary_table(results))
+    distributed.finish()
     return results
+
+
+def worker_results() -> dict[str, Any]:
+    """What ``run`` returns on ranks other than 0, which calibrate but write nothing."""
+    return {"rank": distributed.rank(), "metrics": {"quantized": {}}, "complete": False}
 
 
 def run_name(cfg: DictConfig) -> str:

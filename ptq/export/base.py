@@ -11,6 +11,7 @@ cannot hold exactly, before calibration starts.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -49,13 +50,18 @@ class ExportPlan:
 class ExportContext:
     """What an exporter writes with besides the model: the tokenizer (None for the classifier), the source GGUF
     file (or None), a one-line description of the run (method and scheme) for the file's metadata, the export
-    group's options, and ``extra``: what the exporter measured while writing (results.json records it)."""
+    group's options, and ``extra``: what the exporter measured while writing (results.json records it).
+
+    ``parts``: for a model whose blocks are not all in memory (``ptq.models.lazy``), a generator of
+    (qualified prefix, module) pieces that together make the model, each loaded while the writer holds it; None
+    when the model is in memory. Only exporters with ``sharded = True`` accept it."""
 
     tokenizer: Any = None
     source_gguf: Path | None = None
     description: str = "ptq"
     options: dict[str, Any] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
+    parts: Callable[[], Iterator[tuple[str, nn.Module]]] | None = None
 
 
 class Exporter(Protocol):

@@ -6,13 +6,15 @@ the same fake-quantized model, bit for bit (``load_ptq_checkpoint``; ``run.py mo
 
 Layout of ``<dir>``:
 
-- ``model.safetensors``: for each quantized Linear ``<name>``: ``<name>.qweight`` — for ≤ 4 bits the unsigned
-  codes q − qmin packed as int4 nibbles, 8 per int32 along the input dimension (``ptq.affine.pack_int4``, the
-  row zero-padded to a multiple of 8), [out, ⌈in/8⌉]; for 5..8 bits q itself as int8 (symmetric) or uint8
-  (asymmetric), [out, in]; ``<name>.weight_scale`` [out, groups] in the spec's ``scale_dtype`` (exact: the scales
-  were rounded to it before use); ``<name>.weight_zero`` uint8 (asymmetric only); ``<name>.g_idx`` int32 [in]
-  (act-order only: the group of each input column); ``<name>.input_scale`` / ``<name>.input_zero`` (static
-  activations). Every other tensor of the model's state dict as it is (a tied copy is stored once).
+- ``model.safetensors`` (a lazily loaded model, ``ptq.models.lazy``: one shard per decoder block and one for the rest,
+  ``model-0000k-of-0000n.safetensors`` listed in ``model.safetensors.index.json``): for each quantized Linear
+  ``<name>``: ``<name>.qweight`` — for ≤ 4 bits the unsigned codes q − qmin packed as int4 nibbles, 8 per int32 along
+  the input dimension (``ptq.affine.pack_int4``, the row zero-padded to a multiple of 8), [out, ⌈in/8⌉]; for 5..8 bits
+  q itself as int8 (symmetric) or uint8 (asymmetric), [out, in]; ``<name>.weight_scale`` [out, groups] in the spec's
+  ``scale_dtype`` (exact: the scales were rounded to it before use); ``<name>.weight_zero`` uint8 (asymmetric only);
+  ``<name>.g_idx`` int32 [in] (act-order only: the group of each input column); ``<name>.input_scale`` /
+  ``<name>.input_zero`` (static activations). Every other tensor of the model's state dict as it is (a tied copy is
+  stored once).
 - ``ptq_quantization.json``: the manifest — format version, each quantized Linear's weight spec, activation spec
   and whether its activation qparams are static, the tied tensors, and a description of the run.
 - ``config.json``, ``generation_config.json`` and the tokenizer files of a transformers model.
@@ -40,6 +42,7 @@ from ptq.spec import QuantSpec
 
 MANIFEST = "ptq_quantization.json"
 WEIGHTS = "model.safetensors"
+SHARD_INDEX = "model.safetensors.index.json"  # a lazily loaded model's export: one shard per block
 FORMAT_VERSION = 1
 NIBBLE_BITS = 4
 PACK = 8  # nibbles per int32 word
@@ -133,14 +136,24 @@ class PtqExporter:
                              "weight for the outlier columns it finds at run time, so nothing is smaller to store",
                              "are methods without run-time outliers (rtn, gptq, awq, smoothquant, mixed)")
 
+    sharded = True  # takes ``context.parts``: writes a lazily loaded model one block per shard
+
     def write(self, model: nn.Module, directory: Path, context: ExportContext) -> Path:
-        layers = calibrated_linears(model)
-        tensors, tied = other_tensors(model, set(layers))
-        for name, linear in layers.items():
-            tensors.update(layer_tensors(name, linear))
-        save_file(tensors, directory / WEIGHTS, metadata={"format": "pt"})
+        parts = context.parts() if context.parts is not None else iter([("", model)])
+        entries: dict[str, Any] = {}
+        tied: dict[str, str] = {}
+        shards: list[tuple[Path, list[str]]] = []
+        for prefix, part in parts:
+            tensors, part_entries, part_tied = part_tensors(prefix, part)
+            entries.update(part_entries)
+            tied.update(part_tied)
+            path = directory / f"part-{len(shards):05d}.safetensors"
+            save_file(tensors, path, metadata={"format": "pt"})
+            shards.append((path, list(tensors)))
+            del tensors
+        name_shards(directory, shards)
         manifest = {"format": self.name, "version": FORMAT_VERSION, "description": context.description,
-                    "layers": {name: layer_entry(linear) for name, linear in layers.items()}, "tied": tied}
+                    "layers": entries, "tied": tied}
         (directory / MANIFEST).write_text(json.dumps(manifest, indent=1))
         if isinstance(model, PreTrainedModel):
             model.config.save_pretrained(directory)
@@ -149,6 +162,41 @@ class PtqExporter:
         if context.tokenizer is not None:
             context.tokenizer.save_pretrained(directory)
         return directory
+
+
+def part_tensors(prefix: str, part: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, Any], dict[str, str]]:
+    """The stored tensors, manifest entries and tied names of one piece of the model (``prefix`` "" for all)."""
+    qualified = (lambda name: f"{prefix}.{name}") if prefix else (lambda name: name)
+    layers = calibrated_linears(part)
+    tensors, tied = other_tensors(part, set(layers))
+    for name, linear in layers.items():
+        tensors.update(layer_tensors(name, linear))
+    return ({qualified(key): value for key, value in tensors.items()},
+            {qualified(name): layer_entry(linear) for name, linear in layers.items()},
+            {qualified(copy): qualified(stored) for copy, stored in tied.items()})
+
+
+def name_shards(directory: Path, shards: list[tuple[Path, list[str]]]) -> None:
+    """Rename written parts to ``model.safetensors`` (one part) or to transformers' shard names with an index."""
+    if len(shards) == 1:
+        shards[0][0].rename(directory / WEIGHTS)
+        return
+    weight_map = {}
+    for number, (path, keys) in enumerate(shards, start=1):
+        name = f"model-{number:05d}-of-{len(shards):05d}.safetensors"
+        path.rename(directory / name)
+        weight_map.update(dict.fromkeys(keys, name))
+    index = {"metadata": {"total_size": sum((directory / n).stat().st_size for n in set(weight_map.values()))},
+             "weight_map": weight_map}
+    (directory / SHARD_INDEX).write_text(json.dumps(index, indent=1))
+
+
+def load_weights(directory: Path) -> dict[str, torch.Tensor]:
+    """Every stored tensor of a ptq checkpoint: ``model.safetensors``, or the shards its index lists."""
+    if not (directory / SHARD_INDEX).is_file():
+        return load_file(directory / WEIGHTS)
+    names = sorted(set(json.loads((directory / SHARD_INDEX).read_text())["weight_map"].values()))
+    return {key: value for name in names for key, value in load_file(directory / name).items()}
 
 
 def is_ptq_checkpoint(directory: Path) -> bool:
@@ -177,7 +225,7 @@ def read_checkpoint(directory: Path) -> tuple[dict[str, StoredLayer], dict[str, 
     if manifest.get("version") != FORMAT_VERSION:
         raise ValueError(f"model.source={str(directory)!r}: ptq checkpoint version {manifest.get('version')!r}; "
                          f"this ptq reads version {FORMAT_VERSION}")
-    tensors = load_file(directory / WEIGHTS)
+    tensors = load_weights(directory)
     layers = {name: stored_layer(name, entry, tensors) for name, entry in manifest["layers"].items()}
     owned = {f"{name}.{key}" for name in layers for key in LAYER_TENSORS}
     rest = {key: value for key, value in tensors.items() if key not in owned}
