@@ -327,13 +327,14 @@ def check_export(cfg: DictConfig, steps: list[Any]) -> Exporter | None:
     if not steps:
         raise ConfigError(f"export={cfg.export.name}: method={cfg.method.name} quantizes nothing to export; "
                           f"allowed is export={EXPORT_NONE} (or a method with steps)")
-    online = [step.name for step in steps if online_modules(step)]
-    if online:
-        raise ConfigError(f"export={cfg.export.name}: method={cfg.method.name} adds run-time modules "
-                          f"({', '.join(online)}: online Hadamards, a quantized KV cache) that no export format "
-                          "stores yet; allowed is "
-                          f"export={EXPORT_NONE}, or rotation with r3=false r4=false and no kv_cache step")
     exporter = EXPORTERS[cfg.export.name]
+    online = [step.name for step in steps if online_modules(step)]
+    if online and not exporter.stores_online_modules:
+        keeping = [name for name, other in EXPORTERS.items() if other.stores_online_modules]
+        raise ConfigError(f"export={cfg.export.name}: method={cfg.method.name} adds run-time modules "
+                          f"({', '.join(online)}: online Hadamards, a quantized KV cache) that this format cannot "
+                          f"store; allowed are export={', '.join([*keeping, EXPORT_NONE])}, or rotation with "
+                          "r3=false r4=false attention_output_hadamard=false and no kv_cache step")
     for key, value in export_options(cfg).items():
         if key not in exporter.options:
             allowed = ", ".join(exporter.options) or "none"

@@ -171,8 +171,38 @@ def test_export_options_are_checked_before_the_model_loads(tiny_config, tmp_path
         run(tiny_config("export=ptq", "+export.shards=2"), tmp_path)
 
 
-def test_methods_with_online_modules_are_refused_by_every_export(tiny_config, tmp_path, monkeypatch):
+def test_methods_with_online_modules_are_refused_by_formats_that_cannot_run_them(tiny_config, tmp_path,
+                                                                                monkeypatch):
     monkeypatch.setattr("ptq.pipeline.load_model", lambda cfg: pytest.fail("the model was loaded"))
-    for export in ("ptq", "compressed_tensors", "gguf"):
-        with pytest.raises(ConfigError, match=rf"^export={export}: method=quarot_rtn adds run-time modules"):
+    for export in ("compressed_tensors", "gguf"):
+        with pytest.raises(ConfigError, match=rf"^export={export}: method=quarot_rtn adds run-time modules.*"
+                                              r"allowed are export=ptq, none"):
             run(tiny_config("method=quarot_rtn", f"export={export}"), tmp_path)
+
+
+QUAROT_W4A4KV4 = [
+    {"name": "rotation", "attention_output_hadamard": True},
+    {"name": "kv_cache", "key": {"bits": 4, "granularity": "head", "clip_ratio": 0.95},
+     "value": {"bits": 4, "granularity": "token"}},
+    {"name": "rtn", "weight": {"bits": 4, **GROUP},
+     "activations": {"bits": 4, "granularity": "token", "clip_ratio": 0.9}},
+]
+
+
+def test_online_rotations_and_the_kv_cache_quantizers_survive_save_and_reload(tmp_path):
+    model = calibrated_llama(QUAROT_W4A4KV4)
+    EXPORTERS["ptq"].write(model, tmp_path, ExportContext())
+    online = json.loads((tmp_path / "ptq_quantization.json").read_text())["online"]
+    kinds = sorted(entry["kind"] for entry in online.values())
+    assert kinds == ["attention"] * 2 + ["input_hadamard"] * 4  # per block: R3 + KV, R4, o_proj's Hadamard
+    reloaded = load_ptq_checkpoint(tmp_path).eval()
+    tokens = torch.randint(0, 96, (2, 12))
+    with torch.no_grad():
+        assert torch.equal(reloaded(tokens).logits, model(tokens).logits)
+
+
+def test_a_quarot_run_exports_in_ptq_format_and_reloads_the_same_perplexity(tiny_config, tmp_path):
+    results = run(tiny_config("method=quarot_gptq", "export=ptq", "eval.baseline=false"), tmp_path / "run")
+    reloaded = run(tiny_config("model=hf", f"model.source={results['export']['path']}", "method=none"),
+                   tmp_path / "eval")
+    assert reloaded["metrics"]["quantized"] == results["metrics"]["quantized"]

@@ -67,6 +67,7 @@ class ExportContext:
 class Exporter(Protocol):
     name: str
     options: dict[str, tuple[str, ...]]  # option → allowed values (``export.<option>=...``)
+    stores_online_modules: bool  # keeps rotations' online Hadamards and KV-cache quantizers (``ptq.export.online``)
 
     def check(self, plan: ExportPlan) -> None:
         """Raise ``ExportError`` (one line naming ``export=<name>``, the scheme and what is allowed) unless every

@@ -398,6 +398,7 @@ class CompressedTensorsExporter:
 
     name = NAME
     options: dict[str, tuple[str, ...]] = {}
+    stores_online_modules = False  # transformers and vLLM would run the model without them
 
     def check(self, plan: ExportPlan) -> None:
         refusal = model_refusal(plan.model_type)

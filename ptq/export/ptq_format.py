@@ -16,7 +16,8 @@ Layout of ``<dir>``:
   ``<name>.input_zero`` (static activations). Every other tensor of the model's state dict as it is (a tied copy is
   stored once).
 - ``ptq_quantization.json``: the manifest — format version, each quantized Linear's weight spec, activation spec
-  and whether its activation qparams are static, the tied tensors, and a description of the run.
+  and whether its activation qparams are static, the tied tensors, the online modules (QuaRot's Hadamards and the
+  KV-cache quantizers, ``ptq.export.online``) and a description of the run.
 - ``config.json``, ``generation_config.json`` and the tokenizer files of a transformers model.
 
 The seeds' exercise (int8 state dict vs fp32 ``torch.save``): ``run.py model=digits_mlp method=rtn bits=8
@@ -37,6 +38,7 @@ from transformers import PreTrainedModel
 
 from ptq.affine import SCALE_TORCH_DTYPES, expand, pack_int4, pad_to_multiple, unpack_int4
 from ptq.export.base import ExportContext, ExportPlan, calibrated_linears, group_order_index, refuse
+from ptq.export.online import install_online_modules, online_modules
 from ptq.nn import ActivationQuantizer, FakeQuantLinear, as_linears, set_submodule
 from ptq.spec import QuantSpec
 
@@ -128,6 +130,7 @@ class PtqExporter:
 
     name = "ptq"
     options: dict[str, tuple[str, ...]] = {}
+    stores_online_modules = True  # ptq.export.online: rebuilt on load
 
     def check(self, plan: ExportPlan) -> None:
         for scheme in plan.schemes:
@@ -142,18 +145,20 @@ class PtqExporter:
         parts = context.parts() if context.parts is not None else iter([("", model)])
         entries: dict[str, Any] = {}
         tied: dict[str, str] = {}
+        online: dict[str, dict[str, Any]] = {}
         shards: list[tuple[Path, list[str]]] = []
         for prefix, part in parts:
             tensors, part_entries, part_tied = part_tensors(prefix, part)
             entries.update(part_entries)
             tied.update(part_tied)
+            online.update({qualify(prefix, name): entry for name, entry in online_modules(part).items()})
             path = directory / f"part-{len(shards):05d}.safetensors"
             save_file(tensors, path, metadata={"format": "pt"})
             shards.append((path, list(tensors)))
             del tensors
         name_shards(directory, shards)
         manifest = {"format": self.name, "version": FORMAT_VERSION, "description": context.description,
-                    "layers": entries, "tied": tied}
+                    "layers": entries, "tied": tied, "online": online}
         (directory / MANIFEST).write_text(json.dumps(manifest, indent=1))
         if isinstance(model, PreTrainedModel):
             model.config.save_pretrained(directory)
@@ -164,9 +169,16 @@ class PtqExporter:
         return directory
 
 
+def qualify(prefix: str, name: str) -> str:
+    """``name`` inside the piece of the model at ``prefix`` ("" for the whole model)."""
+    return f"{prefix}.{name}" if prefix else name
+
+
 def part_tensors(prefix: str, part: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, Any], dict[str, str]]:
     """The stored tensors, manifest entries and tied names of one piece of the model (``prefix`` "" for all)."""
-    qualified = (lambda name: f"{prefix}.{name}") if prefix else (lambda name: name)
+    def qualified(name: str) -> str:
+        return qualify(prefix, name)
+
     layers = calibrated_linears(part)
     tensors, tied = other_tensors(part, set(layers))
     for name, linear in layers.items():
@@ -256,7 +268,11 @@ def load_ptq_checkpoint(directory: Path, dtype: str = "auto") -> nn.Module:
     config = AutoConfig.from_pretrained(directory)
     torch_dtype = DTYPES.get(dtype) or getattr(config, "dtype", None) or torch.float32
     model = as_linears(AutoModelForCausalLM.from_config(config, dtype=torch_dtype))  # as calibration saw it
-    layers, rest, _ = read_checkpoint(directory)
+    layers, rest, manifest = read_checkpoint(directory)
+    if manifest.get("online"):
+        from ptq.models import mapping_for
+
+        install_online_modules(model, manifest["online"], mapping_for(model).kv_hook)
     for name, layer in layers.items():
         set_submodule(model, name, FakeQuantLinear(model.get_submodule(name), layer.weight, layer.weight_spec,
                                                    layer.scale, layer.zero, layer.q, layer.g_idx,
