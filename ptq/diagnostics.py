@@ -320,3 +320,18 @@ def plot_weight_histogram(weight: np.ndarray, dequantized: np.ndarray, layer: st
     fig.suptitle(f"Weight distribution of {layer}")
     fig.savefig(path, dpi=100)
     return path
+
+
+def plot_learning_curve(losses: list[float], title: str, path: Path) -> Path:
+    """The loss at every iteration of a step that learns (SpinQuant's rotations), on a linear scale."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(7, 4), layout="constrained")
+    ax = fig.subplots()
+    ax.plot(np.arange(1, len(losses) + 1), losses, marker="o", ms=3, lw=1)
+    ax.set_xlabel("iteration")
+    ax.set_ylabel("loss of the quantized network")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    fig.savefig(path, dpi=100)
+    return path

@@ -19,7 +19,7 @@ from ptq import distributed
 from ptq.calibrate import EAGER, BlockSource, calibrate
 from ptq.config import ConfigError, validate
 from ptq.data import calibration_samples, evaluation_windows, load_tokens
-from ptq.diagnostics import Diagnostics
+from ptq.diagnostics import Diagnostics, plot_learning_curve
 from ptq.eval.perplexity import blockwise_perplexity, perplexity
 from ptq.export import EXPORT_NONE, EXPORTERS, ExportContext, Exporter, ExportError, ExportPlan, files_size
 from ptq.models import (
@@ -438,6 +438,7 @@ def run(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
 
     with timer.stage("eval_quantized"):
         quantized = evaluate()
+    learning = {step.name: record for step in steps if hasattr(step, "learning") and (record := step.learning())}
 
     results = {
         "config": container,
@@ -450,6 +451,7 @@ def run(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
         "export": exported,
         "timings_s": timer.seconds,
         "layers": layers,
+        "learning": learning,
         "versions": versions(),
         "git_commit": git_commit(),
         "wandb_dir": tracker.directory,
@@ -459,6 +461,10 @@ def run(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
     tracker.log_layers(layers)
     if probe is not None:
         tracker.log_images(probe.write_plots(layers, output_dir))
+    for name, record in learning.items():
+        tracker.log_curve(f"{name}/loss", record["losses"])
+        tracker.log_images({f"{name}/loss_curve": plot_learning_curve(
+            record["losses"], f"{cfg.method.name}: {name} loss while learning", output_dir / f"{name}_loss.png")})
     tracker.finish(flat_summary(results), path)
     print(summary_table(results))
     distributed.finish()

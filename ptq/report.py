@@ -39,6 +39,9 @@ def summary_table(results: dict[str, Any]) -> str:
     lines += [f"{name:<{width}}{_fmt(b):>18}{_fmt(q):>14}" for name, b, q in rows]
     times = " · ".join(f"{stage} {seconds:.1f}s" for stage, seconds in results["timings_s"].items())
     lines.append(f"time: {times}")
+    for step, learned in (results.get("learning") or {}).items():
+        lines.append(f"{step} learned: {learned['iterations']} iterations, loss {learned['first_loss']:.4f} → "
+                     f"{learned['last_loss']:.4f} in {learned['seconds']:.1f}s")
     if export:
         lines.append(f"export: {export['path']}")
     return "\n".join(lines)

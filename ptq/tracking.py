@@ -95,6 +95,14 @@ class Tracker:
 
         self.run.log({key: wandb.Image(str(path)) for key, path in images.items()})
 
+    def log_curve(self, key: str, values: list[float]) -> None:
+        """A per-iteration curve (e.g. ``rotation/loss``) as a W&B line chart over its own ``<key>_iteration``."""
+        if self.run is None:
+            return
+        self.run.define_metric(key, step_metric=f"{key}_iteration")
+        for iteration, value in enumerate(values, start=1):
+            self.run.log({key: value, f"{key}_iteration": iteration})
+
     def finish(self, summary: dict[str, Any], results_path: Path) -> None:
         if self.run is None:
             return

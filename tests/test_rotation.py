@@ -16,6 +16,7 @@ from ptq.hadamard import ROTATIONS, OnlineHadamard, hadamard, hadamard_core, has
 from ptq.kv_cache import HOOKS
 from ptq.models.mappings import blocks_of, fold_of, mapping_for
 from ptq.nn import FakeQuantLinear, set_submodule
+from ptq.pipeline import run
 from ptq.spec import QuantSpec
 from ptq.transforms.gptq import GPTQ
 from ptq.transforms.kv_cache import KVCache
@@ -221,3 +222,14 @@ def test_learned_rotations_keep_the_function_and_their_loss_history():
         Rotation(learn={"iterations": 0})
     with pytest.raises(ValueError, match="learn: .*unexpected keyword argument 'steps'"):
         Rotation(learn={"steps": 3})
+
+
+def test_a_spinquant_run_reports_its_learning_cost_and_loss_curve(tiny_config, tmp_path, capsys):
+    results = run(tiny_config("method=spinquant_gptq", "method.steps.0.learn.iterations=4",
+                              "method.steps.0.learn.samples=2", "method.steps.0.learn.seq_len=8",
+                              "method.steps.0.learn.progress=false", "eval.baseline=false"), tmp_path)
+    learned = results["learning"]["rotation"]
+    assert learned["iterations"] == 4 == len(learned["losses"]) and learned["seconds"] > 0
+    assert learned["last_loss"] == learned["losses"][-1] and (tmp_path / "rotation_loss.png").stat().st_size > 0
+    assert "rotation learned: 4 iterations, loss" in capsys.readouterr().out
+    assert Rotation().learning() is None  # fixed rotations learn nothing

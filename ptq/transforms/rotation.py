@@ -35,6 +35,7 @@ Only families whose blocks use pre-norm RMSNorm can be rotated (``Mapping.norm``
 from __future__ import annotations
 
 import copy
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
@@ -285,6 +286,7 @@ class Rotation:
     name: str = "rotation"
     applied: dict[str, str] = field(default_factory=dict, init=False)  # what prepare did, for the run's record
     _learner: CayleyOptions | None = field(default=None, init=False, repr=False)
+    _learn_seconds: float = field(default=0.0, init=False, repr=False)
 
     needs_data: ClassVar[bool] = False
     rescaler: ClassVar[bool] = True
@@ -328,11 +330,22 @@ class Rotation:
             add_online_hadamard_on_queries_and_keys(model, mapping)
         plans = rotation_plans(model, mapping, first, per_block)
         if self._learner is not None:
+            start = time.perf_counter()
             with torch.enable_grad():
                 self._learner.learn(model, mapping, plans, fixed, samples, device)
+            self._learn_seconds = time.perf_counter() - start
         for plan, rotation in plans + fixed:
             apply_plan(model, plan, rotation, device)
         self.applied = self.describe_applied(model, mapping)
+
+    def learning(self) -> dict[str, Any] | None:
+        """What learning the rotations cost and reached (SpinQuant): the loss at every iteration and the seconds,
+        or None for fixed rotations."""
+        if self._learner is None or not self._learner.losses:
+            return None
+        losses = self._learner.losses
+        return {"losses": losses, "iterations": len(losses), "first_loss": losses[0], "last_loss": losses[-1],
+                "seconds": self._learn_seconds}
 
     def describe_applied(self, model: nn.Module, mapping: Mapping) -> dict[str, str]:
         """{"r1": "random_hadamard 576", ...} for the rotations applied (sizes of the first block)."""
