@@ -10,6 +10,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
+from ptq import distributed
 from ptq.config import ConfigError, preflight, register_configs
 
 register_configs()
@@ -22,8 +23,9 @@ def main(cfg: DictConfig) -> float:
 
     if HydraConfig.get().mode == RunMode.MULTIRUN and cfg.logger.group is None:
         cfg.logger.group = cfg.sweep_name  # a sweep's runs form one W&B group
+    distributed.init_from_env()  # torchrun: one rank of a data-parallel calibration (ptq.distributed)
     try:
-        results = run(cfg, Path(HydraConfig.get().runtime.output_dir))
+        results = distributed.fail_fast(lambda: run(cfg, Path(HydraConfig.get().runtime.output_dir)), (ConfigError,))
     except ConfigError as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)

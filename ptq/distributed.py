@@ -148,15 +148,16 @@ def barrier() -> None:
         dist.barrier()
 
 
-def fail_fast(run: Callable[[], Result]) -> Result:
+def fail_fast(run: Callable[[], Result], passthrough: tuple[type[BaseException], ...] = ()) -> Result:
     """``run()``; when it raises on one of several ranks, print the error with the rank and end this process at
     once with exit status 1, so that torchrun's agent stops every other rank instead of leaving them waiting in a
-    collective. In one process the exception propagates as usual."""
+    collective. ``passthrough`` exceptions (errors every rank raises alike, before any collective: a bad config)
+    propagate, as every exception does in one process."""
     if not active():
         return run()
     try:
         return run()
-    except SystemExit:
+    except (SystemExit, *passthrough):
         raise
     except BaseException:  # noqa: BLE001 - any failure of a rank must stop the whole group
         print(f"[rank {rank()}/{world_size()}] failed:\n{traceback.format_exc()}", file=sys.stderr, flush=True)

@@ -8,7 +8,9 @@
 - ``mse``: grid-search the clip ratio r that minimises ‖x − Q_r(x)‖ₚ per slot, as AWQ's clip search
   (Lin et al. 2023, §3.3), the GPTQ reference's ``mse`` option and llama.cpp's scale search do.
 
-Observers know tensors and ``QuantSpec`` only; every one works for every granularity.
+Observers know tensors and ``QuantSpec`` only; every one works for every granularity. In a data-parallel run
+(``ptq.distributed``) an activation observer has seen one rank's tokens: ``all_reduce`` makes it the observer of
+every rank's (min/max: the ranks' minimum and maximum; percentile: the batch-weighted mean of the ranks' clips).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from collections.abc import Callable
 
 import torch
 
+from ptq import distributed
 from ptq.affine import qparams_from_range, round_to_grid, slots
 from ptq.spec import QuantSpec
 
@@ -39,6 +42,14 @@ class Observer:
 
     def qparams(self) -> Qparams:
         raise NotImplementedError
+
+    def all_reduce(self) -> Observer:
+        """Combine what the ranks of a data-parallel run observed (nothing in one process); returns the observer.
+        An observer whose statistic does not combine refuses, naming what does."""
+        if distributed.active():
+            raise ValueError(f"activations.observer={_name(self)}: its statistic depends on the order of the batches "
+                             "and does not combine across ranks; allowed with torchrun are minmax, percentile")
+        return self
 
     def __call__(self, x: torch.Tensor) -> Qparams:
         """Observe ``x`` alone and return its qparams (the one-shot use for weights)."""
@@ -68,6 +79,13 @@ class MinMaxObserver(Observer):
             raise RuntimeError("observer has seen no data")
         return qparams_from_range(self.low, self.high, self.spec, self.tensor_absmax)
 
+    def all_reduce(self) -> Observer:
+        if self.low is None:
+            raise RuntimeError("observer has seen no data")
+        distributed.all_reduce_min(self.low)
+        distributed.all_reduce_max(self.high)
+        return self
+
 
 class MovingMinMaxObserver(MinMaxObserver):
     def __init__(self, spec: QuantSpec, momentum: float = 0.9) -> None:
@@ -75,6 +93,8 @@ class MovingMinMaxObserver(MinMaxObserver):
         if not 0.0 <= momentum < 1.0:
             raise ValueError(f"momentum={momentum!r}: allowed is 0 <= momentum < 1")
         self.momentum = momentum
+
+    all_reduce = Observer.all_reduce  # an average over the order of batches: refused across ranks
 
     def update(self, x: torch.Tensor) -> None:
         low, high = self._batch_range(x)
@@ -109,6 +129,13 @@ class PercentileObserver(MinMaxObserver):
             n = self.batches
             self.low, self.high = (self.low * n + low) / (n + 1), (self.high * n + high) / (n + 1)
         self.batches += 1
+
+    def all_reduce(self) -> Observer:
+        if self.low is None:
+            raise RuntimeError("observer has seen no data")
+        self.low, _ = distributed.weighted_mean(self.low, self.batches)
+        self.high, self.batches = distributed.weighted_mean(self.high, self.batches)
+        return self
 
 
 def _quantile(view: torch.Tensor, q: float) -> torch.Tensor:
@@ -181,6 +208,10 @@ OBSERVERS: dict[str, Callable[..., Observer]] = {
     "percentile": PercentileObserver,
     "mse": MSEObserver,
 }
+
+
+def _name(observer: Observer) -> str:
+    return next((name for name, cls in OBSERVERS.items() if type(observer) is cls), type(observer).__name__)
 
 
 def build_observer(name: str, spec: QuantSpec, **options: float) -> Observer:

@@ -34,6 +34,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from ptq import distributed
 from ptq.affine import expand, fake_quantize, minmax_qparams, slots
 from ptq.calibrate import BlockContext, main_input, map_tensors
 from ptq.models.mappings import Group
@@ -69,13 +70,14 @@ def awq_scales(x_mean: torch.Tensor, alpha: float) -> torch.Tensor:
 @torch.no_grad()
 def search_scales(linears: Sequence[nn.Module], x_mean: torch.Tensor, output_error: Callable[[], float],
                   quantize: Callable[[torch.Tensor], torch.Tensor], grid: int = 20,
-                  sources: Sequence[torch.Tensor] | None = None) -> ScaleSearch:
+                  sources: Sequence[torch.Tensor] | None = None, tokens: int = 1) -> ScaleSearch:
     """Grid-search α (eq. 5): the s that minimises ``output_error()`` with every linear at Q(W·s)/s.
 
     ``output_error`` measures the inspected module's output against full precision with the linears' current
     weights (``output_mse``, ``linear_output_mse``); ``quantize`` fake-quantizes a weight. W is the linears' own
     weight, or ``sources`` (the full-precision weights when the linears are a lower-precision copy). The linears'
-    weights are restored before returning.
+    weights are restored before returning. In a data-parallel run each rank's errors (means over its ``tokens``
+    calibration tokens) are combined into the error over all ranks' tokens, so every rank picks the same α.
     """
     originals = [linear.weight.data for linear in linears]
     sources = originals if sources is None else sources
@@ -90,6 +92,8 @@ def search_scales(linears: Sequence[nn.Module], x_mean: torch.Tensor, output_err
     finally:
         for linear, weight in zip(linears, originals, strict=True):
             linear.weight.data = weight
+    combined, _ = distributed.weighted_mean(torch.tensor(errors, dtype=torch.float64), tokens)
+    errors = combined.tolist()
     best = min(range(grid), key=errors.__getitem__)
     return ScaleSearch(alphas, tuple(errors), awq_scales(x_mean, alphas[best]))
 
@@ -134,6 +138,7 @@ def search_clip(weight: torch.Tensor, x: torch.Tensor, spec: QuantSpec, grid: in
             clipped = clip(chunk, max_val, spec)
             quantized = fake_quantize(clipped, *minmax_qparams(clipped, spec), spec)
             err = (torch.einsum("tgk,ogk->otg", xs, slots(quantized, spec)) - reference).pow(2).mean(dim=1)
+            err, _ = distributed.weighted_mean(err, xs.shape[0])  # over every rank's tokens
             better = err < best_err
             best_err = torch.where(better, err, best_err)
             best_max = torch.where(better, max_val, best_max)
@@ -235,7 +240,8 @@ class AWQ:
             # Each scaling keeps the block's full-precision function, so a linear's input is now its captured
             # input divided by its own group's s: the clip search needs no further pass over the block.
             tokens = sum(x.shape[:-1].numel() for x in ctx.inputs)
-            step = max(1, tokens // self.clip_tokens)
+            tokens = int(distributed.all_reduce_sum(torch.tensor(float(tokens), dtype=torch.float64)).item())
+            step = max(1, tokens // self.clip_tokens)  # every rank samples its tokens at the step of all ranks
             for name in clipped:
                 x = torch.cat([main_input(args, kwargs).reshape(-1, ctx.module(name).in_features)[::step]
                                for args, kwargs in calls[name]])
@@ -249,8 +255,9 @@ class AWQ:
         searched = first_sequences(calls[group.inspect], self.search_samples)
         if group.linears == (group.inspect,):
             inputs = [main_input(args, kwargs).reshape(-1, linears[0].in_features).float() for args, kwargs in searched]
-            error = linear_output_mse(linears[0], sum(gram(x) for x in inputs), sum(x.shape[0] for x in inputs))
-            return search_scales(linears, stat.result(), error, self.quantize, self.grid)
+            tokens = sum(x.shape[0] for x in inputs)
+            error = linear_output_mse(linears[0], sum(gram(x) for x in inputs), tokens)
+            return search_scales(linears, stat.result(), error, self.quantize, self.grid, tokens=tokens)
         inspect, dtype = ctx.module(group.inspect), SEARCH_DTYPES[self.search_dtype]
         if dtype != linears[0].weight.dtype:  # run a copy in the search precision; quantize the original weights
             inspect = copy.deepcopy(inspect).to(dtype)
@@ -258,8 +265,9 @@ class AWQ:
         error = output_mse(lambda: torch.cat([first_tensor(inspect(*args, **kwargs)).flatten()
                                               for args, kwargs in searched]))
         copies = [inspect.get_submodule(_relative(name, group.inspect)) for name in group.linears]
+        tokens = sum(main_input(args, kwargs).shape[:-1].numel() for args, kwargs in searched)
         return search_scales(copies, stat.result(), error, self.quantize, self.grid,
-                             sources=[linear.weight.data for linear in linears])
+                             sources=[linear.weight.data for linear in linears], tokens=tokens)
 
     def clipped_linears(self, ctx: BlockContext) -> list[str]:
         """The block's linears the clip search visits: all but those named in ``clip_skip`` (q, k)."""

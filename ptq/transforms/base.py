@@ -126,8 +126,8 @@ class Quantizer:
 
 
 def static_input_quantizer(spec: QuantSpec, obs: Observer, device: torch.device) -> ActivationQuantizer:
-    """An input quantizer with the fixed qparams a calibrated observer chose."""
-    scale, zero = obs.qparams()
+    """An input quantizer with the fixed qparams a calibrated observer chose (from every rank's tokens)."""
+    scale, zero = obs.all_reduce().qparams()
     return ActivationQuantizer(spec, scale.to(device), zero.to(device))
 
 

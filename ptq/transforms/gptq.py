@@ -31,6 +31,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ptq import distributed
 from ptq.affine import round_to_grid
 from ptq.calibrate import BlockContext, main_input, replace_main_input
 from ptq.nn import ActivationQuantizer
@@ -52,11 +53,14 @@ class HessianAccumulator:
         self.features = features
         self._hessian = torch.zeros(features, features, dtype=dtype, device=device)
         self._tokens = 0
+        self._reduced = False
 
     def add(self, x: torch.Tensor) -> None:
         """Accumulate inputs ``x`` of shape [..., features]; every leading index is one token."""
         if x.shape[-1] != self.features:
             raise ValueError(f"inputs have {x.shape[-1]} features, the accumulator expects {self.features}")
+        if self._reduced:
+            raise RuntimeError("inputs added after the Hessian was combined across ranks")
         x = x.detach().reshape(-1, self.features).to(self._hessian)
         m = x.shape[0]
         if m == 0:
@@ -64,6 +68,15 @@ class HessianAccumulator:
         n = self._tokens
         self._hessian.mul_(n / (n + m)).add_(gram(x), alpha=2.0 / (n + m))
         self._tokens = n + m
+
+    def all_reduce(self) -> HessianAccumulator:
+        """Combine the ranks' H into the H of all their tokens, Σ_r n_r H_r / Σ_r n_r (``ptq.distributed``), once;
+        nothing in one process. Returns the accumulator."""
+        if not self._reduced:
+            combined, self._tokens = distributed.weighted_mean(self._hessian, self._tokens)
+            self._hessian.copy_(combined)
+            self._reduced = True
+        return self
 
     @property
     def hessian(self) -> torch.Tensor:
@@ -433,11 +446,34 @@ class GPTQ(Quantizer):
         return self._solve(weight, inputs).quantized_weight()
 
     def _solve(self, weight: torch.Tensor, inputs: HessianAccumulator) -> GPTQResult:
-        return gptq_quantize(weight, inputs.hessian, self.weight, self.observer, self.observer_options,
-                             self.block_size, self.damp_percent, self.act_order, self.static_groups)
+        hessian = inputs.all_reduce().hessian
+
+        def solve(rows: torch.Tensor) -> GPTQResult:
+            return gptq_quantize(rows, hessian, self.weight, self.observer, self.observer_options, self.block_size,
+                                 self.damp_percent, self.act_order, self.static_groups)
+
+        if self.weight.granularity == "tensor":  # one scale spans every row: each rank solves the whole weight
+            return solve(weight)
+        return solve_spread(weight, solve)
 
     def _accumulator(self, features: int, device: torch.device) -> HessianAccumulator:
         return HessianAccumulator(features, HESSIAN_DTYPES[self.hessian_dtype], device)
+
+
+def solve_spread(weight: torch.Tensor, solve: Callable[[torch.Tensor], GPTQResult]) -> GPTQResult:
+    """``solve(weight)``, with the rows spread over the ranks of a data-parallel run (``ptq.distributed``).
+
+    Given H, GPTQ treats each output row on its own (the column loop updates rows independently, and channel and
+    group scales are per row), so rank r solves its contiguous share of the rows and every rank receives the
+    others' (``gather_rows``): each solve costs 1/world_size of the work and all ranks hold the same result. In
+    one process, or with fewer rows than ranks, ``solve(weight)``.
+    """
+    sizes = distributed.row_sizes(weight.shape[0])
+    if distributed.world_size() == 1 or min(sizes) == 0:
+        return solve(weight)
+    part = solve(weight.split(sizes)[distributed.rank()])
+    gathered = [distributed.gather_rows(t, sizes) for t in (part.weight, part.scale, part.zero, part.q, part.row_loss)]
+    return GPTQResult(*gathered[:3], part.g_idx, gathered[3], gathered[4], part.damp)
 
 
 def _feeding(hessian: HessianAccumulator, observer: Observer | None) -> Callable[[torch.Tensor], None]:

@@ -15,6 +15,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from ptq import distributed
 from ptq.models.mappings import Group, Mapping
 
 
@@ -109,6 +110,10 @@ class ChannelStat:
         self.tokens += x.shape[0]
 
     def result(self) -> torch.Tensor:
+        """The statistic over every token seen, by every rank of a data-parallel run (``ptq.distributed``)."""
         if self.value is None:
             raise RuntimeError("no activations were observed")
-        return self.value if self.reduce == "max" else self.value / self.tokens
+        if self.reduce == "max":
+            return distributed.all_reduce_max(self.value.clone())
+        tokens = distributed.all_reduce_sum(torch.tensor(float(self.tokens), dtype=torch.float64)).item()
+        return distributed.all_reduce_sum(self.value.clone()) / tokens

@@ -26,6 +26,7 @@ from typing import Any, ClassVar
 
 import torch
 
+from ptq import distributed
 from ptq.calibrate import BlockContext
 from ptq.models.mappings import Group
 from ptq.spec import QuantSpec
@@ -103,7 +104,10 @@ class SmoothQuant:
             self._quantizer.apply(trial)
             output = torch.cat([y.flatten() for y in trial.outputs()])
             errors[alpha] = (output - reference).float().pow(2).mean().item()
-        return min(errors, key=errors.__getitem__)
+        combined, _ = distributed.weighted_mean(torch.tensor(list(errors.values()), dtype=torch.float64),
+                                                reference.numel())  # every rank picks the α of all its tokens
+        alphas, values = list(errors), combined.tolist()
+        return alphas[min(range(len(alphas)), key=values.__getitem__)]
 
 
 def smooth(block: torch.nn.Module, absmax: dict[Group, torch.Tensor], alpha: float) -> None:
