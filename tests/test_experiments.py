@@ -30,8 +30,9 @@ make_table = load_make_table()
 OPT = frozenset({"facebook/opt-125m", "facebook/opt-350m", "facebook/opt-1.3b"})
 GPTQ_ROWS = frozenset({("rtn", "W4", "channel", False), ("gptq", "W4", "channel", False),
                        ("rtn", "W3", "channel", False), ("gptq", "W3", "channel", False)})
-QUAROT_ROWS = frozenset((method, "W4A4", "channel", True)
-                        for method in ("rtn_w4a4kv4", "smoothquant_w4a4kv4", "quarot_rtn", "quarot_gptq"))
+QUAROT_METHODS = ("rtn_w4a4kv4", "smoothquant_w4a4kv4", "quarot_rtn", "quarot_gptq", "spinquant_gptq")
+QUAROT_ROWS = frozenset((method, "W4A4", "channel", True) for method in QUAROT_METHODS)
+QUAROT_SMOLLM2_ROWS = QUAROT_ROWS | {("quarot_gptq_w4a8", "W4A8", "channel", True)}
 W8A8_ROWS = frozenset({("rtn_w8a8", "W8A8", "channel", True), ("smoothquant", "W8A8", "channel", True)})
 
 
@@ -100,7 +101,7 @@ PROTOCOLS: dict[str, Protocol] = {
         "quarot", frozenset({"meta-llama/Llama-2-7b-hf", "meta-llama/Llama-2-13b-hf"}), frozenset({"wikitext2"}),
         128, 2048, 2048, None, QUAROT_ROWS, "quarot_table1", expected="quarot"),
     "quarot/smollm2": Protocol("quarot", frozenset({"smollm2-135m"}), frozenset({"pydoc"}), 64, 512, 512, None,
-                               QUAROT_ROWS, "quarot_smollm2", dtype="float32"),
+                               QUAROT_SMOLLM2_ROWS, "quarot_smollm2", dtype="float32"),
 }
 
 # Optuna sweeps: the key each tunes must exist in the composed method.
