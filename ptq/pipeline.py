@@ -160,16 +160,16 @@ def check_lazy(cfg: DictConfig, steps: list[Any], exporter: Exporter | None) -> 
         return
     whole = [step.name for step in steps if hasattr(step, "prepare")]
     conflicts = [
-        (bool(cfg.eval.tasks), f"eval.tasks={list(cfg.eval.tasks)!r}: lm-eval tasks", "eval.tasks=[]"),
-        (cfg.backend != "fake", f"backend={cfg.backend}: packing the whole model", "backend=fake"),
-        (bool(whole), f"method={cfg.method.name}: its steps {whole} see the whole model first", "another method"),
+        (bool(cfg.eval.tasks), f"eval.tasks={list(cfg.eval.tasks)!r} (lm-eval tasks)", "eval.tasks=[]"),
+        (cfg.backend != "fake", f"backend={cfg.backend} (packs the whole model)", "backend=fake"),
+        (bool(whole), f"method={cfg.method.name} (its steps {whole} see the whole model first)", "another method"),
         (exporter is not None and not getattr(exporter, "sharded", False),
-         f"export={cfg.export.name}: this format is written from the whole model", "export=ptq or export=none"),
+         f"export={cfg.export.name} (written from the whole model)", "export=ptq or export=none"),
     ]
     for conflict, what, instead in conflicts:
         if conflict:
-            raise ConfigError(f"{what} need(s) the whole model in memory, which model.lazy loads one block at a time; "
-                              f"allowed are {instead}, or model.lazy=false")
+            raise ConfigError(f"{what}: needs the whole model in memory, which model.lazy=true loads one block at a "
+                              f"time; allowed are {instead}, or model.lazy=false")
 
 
 def classifier(cfg: DictConfig, device: str) -> Workload:

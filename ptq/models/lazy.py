@@ -17,6 +17,7 @@ GGUF files are loaded eagerly.
 
 from __future__ import annotations
 
+import ctypes
 import json
 import re
 import tempfile
@@ -40,6 +41,7 @@ LAZY_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 """Families whose forward adds nothing between the embeddings and the first block (Gemma scales the embeddings
 there), so that block-by-block evaluation can hand the last block's output to the model's own head."""
 LAZY_SETTINGS = (True, False, "auto")
+M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
 
 
 class LazyLoadError(ValueError):
@@ -158,9 +160,24 @@ class ShardedBlocks:
         block.to("meta")
 
 
+def return_freed_memory() -> None:
+    """Make glibc's malloc hand every freed block over 64 kB back to the system at once.
+
+    By default glibc raises its mmap threshold to the size of the largest block freed so far, so that later
+    tensors of a block's size come from the heap, which keeps freed memory: RSS then holds several blocks'
+    worth of dead tensors. Fixing the threshold keeps a lazily loaded model at one block. Nothing happens with
+    another C library."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return
+    libc.mallopt(M_MMAP_THRESHOLD, 1 << 16)
+
+
 def load_lazy(source: ResolvedSource, dtype: str) -> tuple[nn.Module, ShardedBlocks]:
     """The model of ``source`` with its blocks on the meta device and everything else loaded, and its source of
     blocks."""
+    return_freed_memory()
     from accelerate import init_empty_weights
     from accelerate.utils import set_module_tensor_to_device
     from transformers import AutoModelForCausalLM

@@ -91,15 +91,21 @@ class HessianAccumulator:
 
 def gram(x: torch.Tensor, blocks: int = 4) -> torch.Tensor:
     """xᵀx for x [tokens, features], from the blocks on and above its diagonal (mirrored below): 10 of the 16
-    block products with four column blocks, about 30% faster than one matmul for the features of an LLM."""
+    block products with four column blocks, about 30% faster than one matmul for the features of an LLM. The
+    mirroring is done in place, block by block, so that no [features, features] temporary is made."""
     features = x.shape[1]
     if features < 64 * blocks:
         return x.T @ x
     step = -(-features // blocks)
-    upper = torch.empty(features, features, dtype=x.dtype, device=x.device)
+    product = torch.empty(features, features, dtype=x.dtype, device=x.device)
     for start in range(0, features, step):
-        upper[start : start + step, start:] = x[:, start : start + step].T @ x[:, start:]
-    return upper.triu() + upper.triu(1).T
+        product[start : start + step, start:] = x[:, start : start + step].T @ x[:, start:]
+    for start in range(0, features, step):
+        stop = start + step
+        diagonal = product[start:stop, start:stop]
+        diagonal.copy_(diagonal.triu() + diagonal.triu(1).T)
+        product[stop:, start:stop] = product[start:stop, stop:].T
+    return product
 
 
 @dataclass
@@ -226,7 +232,8 @@ def gptq_quantize(
         params = [observe(W)]
 
     perm = torch.argsort(torch.diag(H), descending=True) if act_order else torch.arange(columns, device=W.device)
-    W, H = W[:, perm], H[perm][:, perm]
+    if act_order:  # (in input order nothing moves: no copies of W and H, which a wide layer feels)
+        W, H = W[:, perm], H[perm][:, perm]
 
     Hinv, damp = damped_inverse_cholesky(H, damp_percent)
 
@@ -266,7 +273,7 @@ def gptq_quantize(
         row_loss += Err1.pow(2).sum(dim=1) / 2  # (w − quant(w))² / U_qq² / 2 per column
         W[:, i2:].addmm_(Err1, Hinv[i1:i2, i2:], alpha=-1)
 
-    invperm = torch.argsort(perm)
+    invperm = torch.argsort(perm) if act_order else slice(None)
     return GPTQResult(
         weight=Q[:, invperm].float(),
         scale=torch.cat([s for s, _ in params], dim=1),
@@ -302,16 +309,25 @@ def damped_inverse_cholesky(hessian: torch.Tensor, damp_percent: float) -> tuple
     """
     mean_diag = float(torch.diag(hessian).mean())
     damp = damp_percent * mean_diag
-    eye = torch.eye(hessian.shape[0], dtype=hessian.dtype, device=hessian.device)
     tried = []
-    for _ in range(DAMP_RETRIES + 1):
-        lower, info = torch.linalg.cholesky_ex(hessian + damp * eye)
-        if info == 0:
-            upper, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(lower), upper=True)
-            if info == 0 and bool(torch.isfinite(upper).all()):
-                return upper, damp
-        tried.append(damp)
-        damp = 10 * damp if damp > 0 else 0.01 * abs(mean_diag)
+    diagonal = hessian.diagonal().clone()
+    try:
+        for _ in range(DAMP_RETRIES + 1):
+            # H + λI in H's own storage (its diagonal is restored below): [in, in] tensors are large for wide
+            # layers, so only one more is alive at a time (the factor, then the inverse, then its factor)
+            hessian.diagonal().copy_(diagonal + damp)
+            lower, info = torch.linalg.cholesky_ex(hessian)
+            if info == 0:
+                inverse = torch.cholesky_inverse(lower)
+                del lower
+                upper, info = torch.linalg.cholesky_ex(inverse, upper=True)
+                del inverse
+                if info == 0 and bool(torch.isfinite(upper).all()):
+                    return upper, damp
+            tried.append(damp)
+            damp = 10 * damp if damp > 0 else 0.01 * abs(mean_diag)
+    finally:
+        hessian.diagonal().copy_(diagonal)
     raise RuntimeError(
         f"GPTQ: the Hessian is not positive definite even after damping with λ in {tried}; "
         "check the calibration inputs for NaN/Inf, or raise damp_percent"
