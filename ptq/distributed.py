@@ -165,7 +165,6 @@ def fail_fast(run: Callable[[], Result], passthrough: tuple[type[BaseException],
 
 
 def finish() -> None:
-    """Wait for every rank, then leave the process group (rank 0 has written everything by then)."""
-    if active():
-        dist.barrier()
-        dist.destroy_process_group()
+    """The end of a run: every rank waits here until rank 0 has written everything. The process group stays, for
+    the next run of a Hydra multirun in the same processes."""
+    barrier()

@@ -104,6 +104,8 @@ def test_auto_is_lazy_above_the_threshold_only(checkpoint):
     assert not wants_lazy(False, source, 0.0) and wants_lazy(True, source, 1e9)
     with pytest.raises(LazyLoadError, match=r"^model.lazy='maybe': allowed are true, false, auto$"):
         wants_lazy("maybe", source, 1.0)
+    with pytest.raises(LazyLoadError, match=r"^model.lazy_threshold_gb=-1: allowed is a number >= 0$"):
+        wants_lazy("auto", source, -1)
     with pytest.raises(LazyLoadError, match="model.lazy=true: it is not a local directory"):
         wants_lazy(True, resolve_source("smollm2-135m"), 1.0)
 

@@ -85,6 +85,8 @@ def wants_lazy(setting: Any, source: ResolvedSource | None, threshold_gb: float)
     """Whether ``model.lazy=<setting>`` loads ``source`` lazily; ``LazyLoadError`` when ``true`` cannot."""
     if setting not in LAZY_SETTINGS or isinstance(setting, int) and not isinstance(setting, bool):
         raise LazyLoadError(f"model.lazy={setting!r}: allowed are true, false, auto")
+    if not isinstance(threshold_gb, (int, float)) or isinstance(threshold_gb, bool) or threshold_gb < 0:
+        raise LazyLoadError(f"model.lazy_threshold_gb={threshold_gb!r}: allowed is a number >= 0")
     if setting is False:
         return False
     refusal = lazy_refusal(source)
