@@ -163,7 +163,7 @@ def check_lazy(cfg: DictConfig, steps: list[Any], exporter: Exporter | None) -> 
         (bool(cfg.eval.tasks), f"eval.tasks={list(cfg.eval.tasks)!r} (lm-eval tasks)", "eval.tasks=[]"),
         (cfg.backend != "fake", f"backend={cfg.backend} (packs the whole model)", "backend=fake"),
         (bool(whole), f"method={cfg.method.name} (its steps {whole} see the whole model first)", "another method"),
-        (exporter is not None and not getattr(exporter, "sharded", False),
+        (exporter is not None and not exporter.sharded,
          f"export={cfg.export.name} (written from the whole model)", "export=ptq or export=none"),
     ]
     for conflict, what, instead in conflicts:

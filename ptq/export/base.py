@@ -68,6 +68,7 @@ class Exporter(Protocol):
     name: str
     options: dict[str, tuple[str, ...]]  # option → allowed values (``export.<option>=...``)
     stores_online_modules: bool  # keeps rotations' online Hadamards and KV-cache quantizers (``ptq.export.online``)
+    sharded: bool  # takes ``ExportContext.parts``: writes a lazily loaded model piece by piece
 
     def check(self, plan: ExportPlan) -> None:
         """Raise ``ExportError`` (one line naming ``export=<name>``, the scheme and what is allowed) unless every

@@ -399,6 +399,7 @@ class CompressedTensorsExporter:
     name = NAME
     options: dict[str, tuple[str, ...]] = {}
     stores_online_modules = False  # transformers and vLLM would run the model without them
+    sharded = False
 
     def check(self, plan: ExportPlan) -> None:
         refusal = model_refusal(plan.model_type)

@@ -702,6 +702,7 @@ class GGUFExporter:
     name = NAME
     options: dict[str, tuple[str, ...]] = {"embeddings": EMBEDDINGS}
     stores_online_modules = False  # llama.cpp runs its own graph
+    sharded = False
 
     def check(self, plan: ExportPlan) -> None:
         if plan.model_type not in FAMILIES:

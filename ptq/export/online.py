@@ -37,7 +37,7 @@ def _size(rotation: nn.Module | None) -> int | None:
     return None if rotation is None else rotation.n
 
 
-def online_modules(model: nn.Module) -> dict[str, dict[str, Any]]:
+def online_module_entries(model: nn.Module) -> dict[str, dict[str, Any]]:
     """Every online module of ``model``, by the name of the module that runs it (empty for most methods)."""
     entries: dict[str, dict[str, Any]] = {}
     for name, module in model.named_modules():
@@ -71,7 +71,8 @@ INSTALLERS: dict[str, Callable[[nn.Module, dict[str, Any], str], None]] = {
 
 
 def install_online_modules(model: nn.Module, entries: dict[str, dict[str, Any]], kv_hook: str) -> None:
-    """Put back the online modules ``online_modules`` recorded (before the quantized Linears are rebuilt, which keep
-    an input transform); ``kv_hook`` is the family mapping's way into its attention (``ptq.kv_cache.INSTALLERS``)."""
+    """Put back the online modules ``online_module_entries`` recorded (before the quantized Linears are rebuilt,
+    which keep an input transform); ``kv_hook`` is the family mapping's way into its attention
+    (``ptq.kv_cache.INSTALLERS``)."""
     for name, entry in entries.items():
         INSTALLERS[entry["kind"]](model.get_submodule(name), entry, kv_hook)

@@ -27,6 +27,7 @@ export=ptq`` reports the file's size beside the fp32 size, per channel and (with
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 from pathlib import Path
 from typing import Any
@@ -38,7 +39,7 @@ from transformers import PreTrainedModel
 
 from ptq.affine import SCALE_TORCH_DTYPES, expand, pack_int4, pad_to_multiple, unpack_int4
 from ptq.export.base import ExportContext, ExportPlan, calibrated_linears, group_order_index, refuse
-from ptq.export.online import install_online_modules, online_modules
+from ptq.export.online import install_online_modules, online_module_entries
 from ptq.nn import ActivationQuantizer, FakeQuantLinear, as_linears, set_submodule
 from ptq.spec import QuantSpec
 
@@ -131,7 +132,6 @@ class PtqExporter:
     name = "ptq"
     options: dict[str, tuple[str, ...]] = {}
     stores_online_modules = True  # ptq.export.online: rebuilt on load
-
     def check(self, plan: ExportPlan) -> None:
         for scheme in plan.schemes:
             if scheme.outliers:
@@ -151,7 +151,7 @@ class PtqExporter:
             tensors, part_entries, part_tied = part_tensors(prefix, part)
             entries.update(part_entries)
             tied.update(part_tied)
-            online.update({qualify(prefix, name): entry for name, entry in online_modules(part).items()})
+            online.update({qualify(prefix, name): entry for name, entry in online_module_entries(part).items()})
             path = directory / f"part-{len(shards):05d}.safetensors"
             save_file(tensors, path, metadata={"format": "pt"})
             shards.append((path, list(tensors)))
@@ -176,9 +176,7 @@ def qualify(prefix: str, name: str) -> str:
 
 def part_tensors(prefix: str, part: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, Any], dict[str, str]]:
     """The stored tensors, manifest entries and tied names of one piece of the model (``prefix`` "" for all)."""
-    def qualified(name: str) -> str:
-        return qualify(prefix, name)
-
+    qualified = functools.partial(qualify, prefix)
     layers = calibrated_linears(part)
     tensors, tied = other_tensors(part, set(layers))
     for name, linear in layers.items():
