@@ -91,7 +91,10 @@ def group_weight(block: nn.Module, group: Group) -> torch.Tensor:
 
 
 class ChannelStat:
-    """Per-input-channel max |x| (``reduce="max"``) or mean |x| (``reduce="mean"``) over every token seen."""
+    """Per-input-channel max |x| (``reduce="max"``) or mean |x| (``reduce="mean"``) over every token seen.
+
+    Sums are kept in float64, so that how the tokens are split into batches and ranks changes the mean only below
+    float32's resolution: a data-parallel run then finds the single process's scales (``ptq.distributed``)."""
 
     def __init__(self, reduce: str) -> None:
         if reduce not in ("max", "mean"):
@@ -102,7 +105,7 @@ class ChannelStat:
 
     def update(self, x: torch.Tensor) -> None:
         x = x.detach().reshape(-1, x.shape[-1]).abs().float()
-        batch = x.amax(dim=0) if self.reduce == "max" else x.sum(dim=0)
+        batch = x.amax(dim=0) if self.reduce == "max" else x.sum(dim=0, dtype=torch.float64)
         if self.value is None:
             self.value = batch
         else:
@@ -116,4 +119,4 @@ class ChannelStat:
         if self.reduce == "max":
             return distributed.all_reduce_max(self.value.clone())
         tokens = distributed.all_reduce_sum(torch.tensor(float(self.tokens), dtype=torch.float64)).item()
-        return distributed.all_reduce_sum(self.value.clone()) / tokens
+        return (distributed.all_reduce_sum(self.value.clone()) / tokens).float()
