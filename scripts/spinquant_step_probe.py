@@ -5,6 +5,7 @@ first ``--train-windows`` of the embedded default's 64 calibration windows; the 
 quantizers) is then measured on ``--held-out`` windows from window 48 on, against the fixed rotations' loss.
 
     .venv/bin/python scripts/spinquant_step_probe.py --lr 1.5 0.1 0.02 --iterations 12
+    .venv/bin/python scripts/spinquant_step_probe.py --lr 1.5 0.2 --momentum 0     # SpinQuant's SGDG: no momentum
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ def main() -> None:
     parser.add_argument("--train-windows", type=int, default=1)
     parser.add_argument("--held-out", type=int, default=8)
     parser.add_argument("--seq-len", type=int, default=256)
+    parser.add_argument("--momentum", type=float, default=0.9)
     args = parser.parse_args()
 
     source = embedded_smollm2()
@@ -55,7 +57,7 @@ def main() -> None:
     print(f"| lr | held-out W16A4KV4 loss | vs fixed rotations ({fixed:.4f}) | seconds |\n|---|---:|---:|---:|")
     for lr in args.lr:
         learn = {"iterations": args.iterations, "samples": args.train_windows, "seq_len": args.seq_len, "lr": lr,
-                 "progress": False}
+                 "momentum": args.momentum, "progress": False}
         loss, seconds = rotated(learn)
         print(f"| {lr} | {loss:.4f} | {100 * (loss / fixed - 1):+.1f}% | {seconds:.0f} |", flush=True)
 

@@ -14,6 +14,9 @@ Stiefel manifold via the Cayley transform", Alg. 2). For each rotation R with Eu
     R ← (I + α/2 A)⁻¹ (I − α/2 A) R                the Cayley transform of a skew matrix is orthogonal
 
 so R stays a rotation to float64 precision. Rounding passes gradients straight through (Bengio et al. 2013).
+SpinQuant's released optimizer runs this without momentum (β = 0, lr 1.5): the default here. With β = 0.9 each
+step is about ten times longer, and on the embedded default the learned rotations then raise the quantized loss
+on windows they were not trained on (``scripts/spinquant_step_probe.py``).
 The weights stay in full precision while the rotations are learned (a quantizer step after the rotation rounds them);
 the online Hadamards R3 and R4 are in place, as at inference. Cost is bounded by ``iterations`` (one forward and
 backward pass of ``batch_size`` windows of at most ``seq_len`` tokens each), drawn in turn from the first
@@ -82,7 +85,7 @@ class CayleyOptions:
     batch_size: int = 1
     seq_len: int | None = 256
     lr: float = 1.5
-    momentum: float = 0.9
+    momentum: float = 0.0
     activation_bits: int = 4
     kv_bits: int | None = 4
     progress: bool = True
