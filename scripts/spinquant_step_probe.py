@@ -4,8 +4,8 @@ The rotations start at the rotation step's random Hadamard and are trained (``pt
 first ``--train-windows`` of the embedded default's 64 calibration windows; the W16A4KV4 loss (the learning's own
 quantizers) is then measured on ``--held-out`` windows from window 48 on, against the fixed rotations' loss.
 
-    .venv/bin/python scripts/spinquant_step_probe.py --lr 1.5 0.1 0.02 --iterations 12
-    .venv/bin/python scripts/spinquant_step_probe.py --lr 1.5 0.2 --momentum 0     # SpinQuant's SGDG: no momentum
+    .venv/bin/python scripts/spinquant_step_probe.py --lr 1.5 0.2 0.05 --iterations 12 --train-windows 8
+    .venv/bin/python scripts/spinquant_step_probe.py --lr 1.5 0.1 0.02 --iterations 12 --momentum 0.9
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ def main() -> None:
     parser.add_argument("--train-windows", type=int, default=1)
     parser.add_argument("--held-out", type=int, default=8)
     parser.add_argument("--seq-len", type=int, default=256)
-    parser.add_argument("--momentum", type=float, default=0.9)
+    parser.add_argument("--momentum", type=float, default=0.0, help="0: SpinQuant's, the default")
     args = parser.parse_args()
 
     source = embedded_smollm2()
