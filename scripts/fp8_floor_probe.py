@@ -1,11 +1,12 @@
 """What do a grid's weights and its activations each cost on the embedded default? A perplexity table.
 
-W8A8 perplexity splits into what the weights lose (round-to-nearest per channel, activations in full precision) and
-what the per-token dynamic activations lose (weights in full precision), here for FP8 E4M3 (``method=fp8_dynamic``'s
-grids) and int8 (``method=rtn_w8a8``'s), each with and without QuaRot's fixed rotations (R1, R2 random Hadamard, R4
-online; exact in full precision). The activations-only row is the floor of every weight method on that grid: GPTQ or
-AWQ can at best reach it. Floats round to a relative step (E4M3: 3 mantissa bits), so neither a diagonal rescaling
-(SmoothQuant, AWQ) nor a rotation can lower their error the way they lower an integer grid's.
+W8A8 perplexity splits into what the weights lose (round-to-nearest per channel, activations in full precision) and what
+the per-token dynamic activations lose (weights in full precision), here for FP8 E4M3 (``method=fp8_dynamic``'s grids)
+and int8 (``method=rtn_w8a8``'s), each with and without QuaRot's fixed rotations (R1, R2 random Hadamard, R4 online;
+exact in full precision). The activations-only row is the floor of weight methods on that grid: GPTQ or AWQ can
+compensate the weights' rounding, not each token's own activation rounding. Floats round to a relative step (E4M3: 3
+mantissa bits), so neither a diagonal rescaling (SmoothQuant, AWQ) nor a rotation can lower their error the way they
+lower an integer grid's.
 
     .venv/bin/python scripts/fp8_floor_probe.py                 # all 66 evaluation windows of 512 tokens
     .venv/bin/python scripts/fp8_floor_probe.py --windows 16
