@@ -15,7 +15,6 @@ lower an integer grid's.
 from __future__ import annotations
 
 import argparse
-import math
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -23,6 +22,7 @@ import torch
 
 from ptq.affine import fake_quantize, minmax_qparams
 from ptq.data import calibration_samples, evaluation_windows, load_tokens
+from ptq.eval.perplexity import perplexity
 from ptq.models.loading import embedded_smollm2, load_pretrained, load_tokenizer
 from ptq.models.mappings import blocks_of, mapping_for
 from ptq.nn import ActivationQuantizer
@@ -64,12 +64,6 @@ def quantized(model: torch.nn.Module, weight: QuantSpec | None, activations: Qua
             handle.remove()
 
 
-def perplexity(model: torch.nn.Module, windows: torch.Tensor) -> float:
-    with torch.no_grad():
-        losses = [model(input_ids=w[None], labels=w[None], use_cache=False).loss.item() for w in windows]
-    return math.exp(sum(losses) / len(losses))
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--grids", nargs="+", default=list(GRIDS), choices=list(GRIDS))
@@ -87,13 +81,13 @@ def main() -> None:
             samples = calibration_samples(tokens.calibration, 1, 512, 0)
             Rotation(r3=False).prepare(model, mapping_for(model), samples, 1, "cpu")
         label = "R1 R2 R4" if rotated else "none"
-        full = perplexity(model, windows)
+        full = perplexity(model, windows, progress=False)
         print(f"| {label} | – | full | full | {full:.4f} | |", flush=True)
         for grid in args.grids:
             weight, activations = GRIDS[grid]
             for w, a in ((weight, None), (None, activations), (weight, activations)):
                 with quantized(model, w, a):
-                    ppl = perplexity(model, windows)
+                    ppl = perplexity(model, windows, progress=False)
                 print(f"| {label} | {grid} | {'RTN' if w else 'full'} | {'per token' if a else 'full'} | {ppl:.4f} | "
                       f"{100 * (ppl / full - 1):+.2f}% |", flush=True)
 

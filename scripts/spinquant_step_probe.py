@@ -20,13 +20,12 @@ from ptq.data import calibration_samples, load_tokens
 from ptq.models.loading import embedded_smollm2, load_pretrained, load_tokenizer
 from ptq.models.mappings import mapping_for
 from ptq.transforms.rotation import Rotation
-from ptq.transforms.spinquant import CayleyOptions, _quantized_inputs
+from ptq.transforms.spinquant import CayleyOptions
 
 
 def quantized_loss(model: torch.nn.Module, windows: torch.Tensor, options: CayleyOptions) -> float:
     """Mean next-token loss of ``windows`` with the learning's activation and KV quantizers in place."""
-    mapping = mapping_for(model)
-    with torch.no_grad(), _quantized_inputs(model, mapping, options._activations, options._kv):
+    with torch.no_grad(), options.quantized(model, mapping_for(model)):
         losses = [model(input_ids=w[None], labels=w[None], use_cache=False).loss.item() for w in windows]
     return sum(losses) / len(losses)
 

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -104,6 +104,10 @@ class CayleyOptions:
         self._activations = QuantSpec(bits=self.activation_bits, symmetric=True, granularity="token")
         self._kv = KVSpec(bits=self.kv_bits) if self.kv_bits is not None else None
 
+    def quantized(self, model: nn.Module, mapping: Mapping) -> AbstractContextManager[None]:
+        """The loss's quantizers (straight-through) on ``model``'s linear inputs and KV cache, while open."""
+        return _quantized_inputs(model, mapping, self._activations, self._kv)
+
     def learn(self, model: nn.Module, mapping: Mapping, plans: Rotated, fixed: Rotated, samples: torch.Tensor,
               device: torch.device) -> None:
         """Train the rotations of ``plans`` ((plan, rotation) pairs) in place of their initial values; ``fixed``
@@ -116,7 +120,7 @@ class CayleyOptions:
         windows = samples[:self.samples, :self.seq_len] if self.seq_len else samples[:self.samples]
         momenta = [torch.zeros_like(r) for r in rotations]
         self.losses = []
-        with _quantized_inputs(model, mapping, self._activations, self._kv), _frozen(model), _on(model, device):
+        with self.quantized(model, mapping), _frozen(model), _on(model, device):
             bar = tqdm(range(self.iterations), desc="spinquant", disable=not self.progress)
             for step in bar:
                 start = step * self.batch_size % len(windows)
